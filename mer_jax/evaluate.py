@@ -1,0 +1,233 @@
+r"""Robustness evaluation of a trained run under every missing-modality protocol.
+
+    python -m mer_jax.evaluate --workdir /tmp/run [--checkpoint best|latest] [--embeddings]
+
+Runs the 7 fixed combinations, random modality-level missing MR0.1..MR0.7 and the
+frame-level curves (with AUILC) of `config.eval`, through one compiled forward, and
+writes DIR/eval/results.json, results.csv and robustness.png (SPEC section 10).
+`--embeddings` also saves the fused representations per scenario and a t-SNE figure.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Mapping
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags
+
+from mer_jax import metrics as metrics_lib
+from mer_jax import parallel
+from mer_jax.data import missing
+from mer_jax.data import pipeline
+from mer_jax.methods import build_stages
+from mer_jax.trainer import Predictor, load_stage_params
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by mer_jax.train.")
+_CHECKPOINT = flags.DEFINE_enum("checkpoint", None, ["best", "latest"],
+                                "Which checkpoint to evaluate (default: config.eval.checkpoint).")
+_EMBEDDINGS = flags.DEFINE_bool("embeddings", False,
+                                "Also save fused embeddings per scenario and a t-SNE plot.")
+_SPLIT = flags.DEFINE_enum("split", None, ["valid", "test"], "Split (default config.eval.split).")
+
+
+def scenario_inputs(scenario, num_rows: int, key):
+  """(modality_mask (N, 3), frame_rates (3,), noise_intensity) of one scenario."""
+  rates = np.zeros(3, np.float32)
+  noise = 0.0
+  if scenario.kind == "fixed":
+    modality_mask = missing.fixed_modality_mask(num_rows, scenario.combination)
+  elif scenario.kind == "random_mr":
+    modality_mask = missing.random_modality_mask(key, num_rows, scenario.rate)
+  elif scenario.kind == "frame":
+    modality_mask = missing.fixed_modality_mask(num_rows, 6)
+    rates = scenario.rate * missing.MASKED_SETS[scenario.combination].astype(np.float32)
+  elif scenario.kind == "noise":
+    modality_mask = missing.fixed_modality_mask(num_rows, 6)
+    noise = scenario.rate
+  else:
+    raise ValueError(f"unknown scenario kind {scenario.kind!r}")
+  return np.asarray(modality_mask, bool), rates, noise
+
+
+def run_scenarios(predictor: Predictor, params, method_state, split, spec, eval_config, *,
+                  key, keep_embeddings: bool = False):
+  """Metrics per scenario (+ "summary"), and the embeddings when asked."""
+  num_rows = len(split["label"])
+  results, embeddings = {}, {}
+  for index, scenario in enumerate(missing.eval_scenarios(eval_config)):
+    scenario_key = jax.random.fold_in(key, index)
+    modality_mask, rates, noise = scenario_inputs(scenario, num_rows, scenario_key)
+    outputs = predictor.predict_split(params, method_state, split, modality_mask=modality_mask,
+                                      frame_rates=rates, noise_intensity=noise,
+                                      key=scenario_key)
+    results[scenario.name] = metrics_lib.compute_metrics(
+        outputs["output"], split["label"], spec.task, label_range=spec.label_range,
+        names=spec.class_names or None)
+    if keep_embeddings:
+      embeddings[scenario.name] = outputs["embedding"]
+  results["summary"] = metrics_lib.summarize(results, spec.task)
+  return results, embeddings
+
+
+def write_results(eval_dir: str, results: Mapping[str, Mapping[str, float]]):
+  """results.json ({scenario: {metric: value}} + summary) and results.csv (a row each)."""
+  os.makedirs(eval_dir, exist_ok=True)
+  with open(os.path.join(eval_dir, "results.json"), "w") as f:
+    json.dump(results, f, indent=2, sort_keys=False)
+  columns = sorted({m for r in results.values() for m in r})
+  with open(os.path.join(eval_dir, "results.csv"), "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(["scenario"] + columns)
+    for name, row in results.items():
+      writer.writerow([name] + [row.get(c, "") for c in columns])
+
+
+def plot_robustness(path: str, results: Mapping[str, Mapping[str, float]], task: str,
+                    title: str = ""):
+  """Metric vs missing rate (modality-level and frame-level) and bars per combination."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  metric = metrics_lib.PRIMARY_METRIC[task]
+  fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+  names = [n for n in missing.COMBINATION_NAMES if n in results]
+  ax = axes[0]
+  ax.bar(names, [results[n][metric] for n in names], color="tab:blue")
+  ax.set_title(f"{metric} per available combination")
+  ax.set_xlabel("available modalities")
+  ax.set_ylabel(metric)
+  for i, n in enumerate(names):
+    ax.text(i, results[n][metric], f"{results[n][metric]:.3f}", ha="center", va="bottom",
+            fontsize=8)
+
+  ax = axes[1]
+  mr = sorted((metrics_lib.parse_scenario(n)[2], r[metric]) for n, r in results.items()
+              if n != "summary" and metrics_lib.parse_scenario(n)[0] == "random_mr")
+  if mr:
+    ax.plot([m for m, _ in mr], [v for _, v in mr], "o-", color="tab:orange")
+  ax.set_title(f"{metric} vs modality missing rate (MR)")
+  ax.set_xlabel("missing rate")
+  ax.set_ylabel(metric)
+
+  ax = axes[2]
+  curves = {}
+  for n, r in results.items():
+    if n == "summary":
+      continue
+    kind, masked_set, rate = metrics_lib.parse_scenario(n)
+    if kind == "frame":
+      curves.setdefault(masked_set, []).append((rate, r[metric]))
+  for masked_set, points in curves.items():
+    points.sort()
+    ax.plot([p for p, _ in points], [v for _, v in points], "o-", ms=3,
+            label=f"masked {masked_set}")
+  ax.set_title(f"{metric} vs frame missing rate")
+  ax.set_xlabel("frame missing rate")
+  ax.set_ylabel(metric)
+  if curves:
+    ax.legend(fontsize=7)
+  for ax in axes:
+    ax.grid(alpha=0.3)
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def plot_tsne(path: str, embeddings: Mapping[str, np.ndarray], labels: np.ndarray, task: str,
+              seed: int = 0):
+  """t-SNE of the fused representations, one panel per fixed combination."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  from sklearn.manifold import TSNE
+
+  names = [n for n in missing.COMBINATION_NAMES if n in embeddings]
+  if task == "regression":
+    colours = np.asarray(labels)
+  elif task == "multilabel_binary":
+    colours = np.argmax(labels, axis=-1)
+  else:
+    colours = np.asarray(labels)
+  fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.4), squeeze=False)
+  for ax, name in zip(axes[0], names, strict=True):
+    points = embeddings[name]
+    perplexity = float(min(30, max(2, (len(points) - 1) // 3)))
+    projected = TSNE(2, perplexity=perplexity, random_state=seed, init="pca").fit_transform(
+        points)
+    ax.scatter(projected[:, 0], projected[:, 1], c=colours, s=6,
+               cmap="coolwarm" if task == "regression" else "tab10")
+    ax.set_title(name)
+    ax.set_xticks([])
+    ax.set_yticks([])
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: is {workdir!r} a mer_jax run directory?")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def evaluate_run(workdir: str, config=None, *, checkpoint: str | None = None,
+                 embeddings: bool | None = None, split_name: str | None = None,
+                 data=None, mesh=None) -> dict:
+  """Evaluates every stage of a run; writes DIR/eval/ for the final stage and
+  DIR/eval/<stage>/ for earlier ones. Returns the final stage's results."""
+  config = config or load_run_config(workdir)
+  checkpoint = checkpoint or config.eval.checkpoint
+  keep_embeddings = config.eval.embeddings if embeddings is None else embeddings
+  split_name = split_name or config.eval.split
+  splits, spec = data or pipeline.load_data(config.data)
+  mesh = mesh or parallel.make_mesh(config.num_devices)
+  split = splits[split_name]
+  stages = build_stages(config, spec)
+  example = {k: v[:2] for k, v in pipeline.device_arrays(split).items()}
+  eval_key = jax.random.fold_in(jax.random.key(config.seed), 10_000)
+  all_results = {}
+  for index, stage in enumerate(stages):
+    params, method_state, epoch = load_stage_params(workdir, stage, example, checkpoint=checkpoint)
+    predictor = Predictor(stage, mesh, config.eval.batch_size, on_device=config.data.on_device)
+    results, stage_embeddings = run_scenarios(
+        predictor, params, method_state, split, spec, config.eval, key=eval_key,
+        keep_embeddings=keep_embeddings)
+    results["summary"]["checkpoint_epoch"] = epoch
+    is_final = index == len(stages) - 1
+    eval_dir = os.path.join(workdir, "eval", "" if is_final else stage.name)
+    if jax.process_index() == 0:
+      write_results(eval_dir, results)
+      plot_robustness(os.path.join(eval_dir, "robustness.png"), results, spec.task,
+                      title=f"{config.method} {stage.name} on {config.data.name} ({split_name})")
+      if keep_embeddings:
+        np.savez_compressed(os.path.join(eval_dir, "embeddings.npz"),
+                            labels=split["label"], **stage_embeddings)
+        plot_tsne(os.path.join(eval_dir, "tsne.png"), stage_embeddings, split["label"],
+                  spec.task, seed=config.seed)
+    all_results[stage.name or "final"] = results
+  return all_results[stages[-1].name or "final"]
+
+
+def main(argv):
+  del argv
+  if not _WORKDIR.value:
+    raise app.UsageError("--workdir is required")
+  results = evaluate_run(_WORKDIR.value, checkpoint=_CHECKPOINT.value,
+                         embeddings=_EMBEDDINGS.value or None, split_name=_SPLIT.value)
+  print(json.dumps(results["summary"], indent=2))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,119 @@
+"""DQF: Dual-Query Fusion (dqf.txt), trained only on incomplete inputs.
+
+Per modality: Conv1D -> common length -> Q-UA. Per pair (ta, tv, av): Q-CA, average
+pooled. The three pair features and a [CLS] token go through MHSA and are pooled
+(Eq. 9). The unimodal, bimodal and trimodal features are concatenated for the main
+head; each of the 7 granularities also has its own head, and
+L = L_task + sum_n L_n (Eq. 1). Training applies one frame-masking rate
+r ~ U(0, 1) per modality per batch (Sec. 3.1), never the full inputs.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mer_jax.data import missing
+from mer_jax.data.spec import MODALITIES, DataSpec
+from mer_jax.losses.task import task_loss
+from mer_jax.methods.base import Stage
+from mer_jax.nn.attention import ModalityProjection, TransformerLayer
+from mer_jax.nn.heads import OutputHead
+from mer_jax.nn.pooling import masked_mean
+from mer_jax.nn.queries import QCA, QUA, align_length
+
+# Granularities in the order of the combination names: L, A, V, LA, LV, AV, LAV.
+PAIRS = ((0, 1), (0, 2), (1, 2))
+
+
+def present_frames(batch, modality_index: int):
+  """Frame mask of one modality with absent modalities (modality_mask) folded in."""
+  mask = batch[f"{MODALITIES[modality_index]}_mask"]
+  if "modality_mask" in batch:
+    mask = mask & batch["modality_mask"][:, modality_index:modality_index + 1]
+  return mask
+
+
+class DQF(nn.Module):
+  output_shape: tuple[int, ...]
+  width: int = 64
+  num_layers: int = 6
+  num_heads: int = 4
+  mlp_dim: int = 128
+  dropout: float = 0.1
+  common_length: int = 50
+  kernel_sizes: tuple[int, int, int] = (3, 1, 1)
+  head_hidden: int = 64
+
+  @nn.compact
+  def __call__(self, batch, *, train: bool):
+    encoded, masks = [], []
+    for index, name in enumerate(MODALITIES):
+      mask = present_frames(batch, index)
+      x = ModalityProjection(self.width, self.kernel_sizes[index], name=f"proj_{name}")(
+          batch[name], mask)
+      x, mask = align_length(x, mask, self.common_length)
+      encoded.append(QUA(self.num_layers, self.num_heads, self.mlp_dim, self.dropout,
+                         name=f"qua_{name}")(x, mask, train=train))
+      masks.append(mask)
+
+    unimodal = [masked_mean(h, mask) for h, mask in zip(encoded, masks, strict=True)]
+    bimodal = []
+    for a, b in PAIRS:
+      pair_name = MODALITIES[a][0] + MODALITIES[b][0]
+      fused = QCA(self.num_layers, self.num_heads, self.mlp_dim, self.dropout,
+                  name=f"qca_{pair_name}")(encoded[a], masks[a], encoded[b], masks[b],
+                                           train=train)
+      bimodal.append(fused.mean(axis=1))  # Eq. 8: the fused sequence is query-indexed.
+
+    cls = self.param("cls", nn.initializers.normal(0.02), (1, self.width))
+    tokens = jnp.stack(bimodal + [jnp.broadcast_to(cls, bimodal[0].shape)], axis=1)
+    trimodal = TransformerLayer(self.num_heads, self.mlp_dim, self.dropout, name="mhsa")(
+        tokens, train=train).mean(axis=1)  # Eq. 9
+
+    granularities = unimodal + bimodal + [trimodal]
+    features = jnp.concatenate(granularities, axis=-1)
+    output = OutputHead(self.output_shape, self.head_hidden, self.dropout, name="head")(
+        features, train=train)
+    aux_outputs = jnp.stack([
+        OutputHead(self.output_shape, self.head_hidden, self.dropout,
+                   name=f"head_{combination}")(feature, train=train)
+        for combination, feature in zip(missing.COMBINATION_NAMES, granularities, strict=True)
+    ], axis=1)
+    return {"output": output, "embedding": features, "aux_outputs": aux_outputs}
+
+
+def build(config, spec: DataSpec) -> list[Stage]:
+  model_config = config.model
+  model = DQF(
+      output_shape=spec.output_shape,
+      width=model_config.width,
+      num_layers=model_config.num_layers,
+      num_heads=model_config.num_heads,
+      mlp_dim=model_config.mlp_dim,
+      dropout=model_config.dropout,
+      common_length=model_config.common_length or max(spec.lengths),
+      kernel_sizes=tuple(model_config.kernel_sizes),
+      head_hidden=model_config.head_hidden,
+  )
+  task = spec.task
+  regression_loss = config.loss.regression_loss
+  aux_weight = config.loss.aux_weight
+  missing_config = config.missing
+
+  def loss_fn(params, method_state, batch, key, context):
+    del context
+    missing_key, dropout_key = jax.random.split(key)
+    batch, _ = missing.apply_training_protocol(missing_key, batch, missing_config)
+    out = model.apply({"params": params}, batch, train=True, rngs={"dropout": dropout_key})
+    labels = batch["label"]
+    main = task_loss(out["output"], labels, task, regression_loss=regression_loss).mean()
+    per_granularity = jax.vmap(
+        lambda o: task_loss(o, labels, task, regression_loss=regression_loss).mean(),
+        in_axes=1)(out["aux_outputs"])
+    aux = per_granularity.sum()
+    metrics = {"loss_task": main, "loss_aux": aux}
+    return main + aux_weight * aux, (metrics, method_state)
+
+  return [Stage(name="", model=model, loss_fn=loss_fn, num_epochs=config.train.num_epochs)]

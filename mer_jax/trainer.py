@@ -1,0 +1,346 @@
+"""The compiled training loop: optimiser, train/eval steps over the data mesh,
+validation-based model selection, orbax checkpoints with resume, logging.
+
+One `train_stage` call trains one `methods.base.Stage`. The step (missing-modality
+protocol, forward, losses, gradients, optimiser update) is one jitted function whose
+batch is sharded along the mesh's "data" axis and whose state is replicated, so any
+device count computes the same global-batch losses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import tqdm
+
+from mer_jax import metrics as metrics_lib
+from mer_jax import parallel
+from mer_jax.data import missing
+from mer_jax.data.pipeline import Batcher
+from mer_jax.methods.base import Stage, StageContext
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """Everything a resumed run needs, as arrays (checkpointed whole)."""
+
+  step: jax.Array
+  epoch: jax.Array  # epochs completed
+  params: flax.core.FrozenDict | dict
+  opt_state: optax.OptState
+  method_state: dict
+  best_value: jax.Array  # best validation selection value so far (higher is better)
+  best_epoch: jax.Array
+
+
+# ----------------------------------------------------------------------------- optimiser
+
+
+def make_optimizer(train_config, steps_per_epoch: int, num_epochs: int):
+  """optax optimiser from `config.train` (optimizer, schedule, warmup, clipping)."""
+  total_steps = max(1, steps_per_epoch * num_epochs)
+  warmup_steps = int(train_config.warmup_epochs * steps_per_epoch)
+  peak = train_config.learning_rate
+  if train_config.schedule == "constant":
+    schedule = optax.constant_schedule(peak)
+    if warmup_steps:
+      schedule = optax.join_schedules(
+          [optax.linear_schedule(0.0, peak, warmup_steps), schedule], [warmup_steps])
+  elif train_config.schedule == "cosine":
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0 if warmup_steps else peak, peak, max(warmup_steps, 1), total_steps, peak * 0.01)
+  elif train_config.schedule == "linear":
+    schedule = optax.join_schedules([
+        optax.linear_schedule(0.0, peak, max(warmup_steps, 1)),
+        optax.linear_schedule(peak, 0.0, max(total_steps - warmup_steps, 1))],
+        [max(warmup_steps, 1)])
+  else:
+    raise ValueError("config.train.schedule must be constant, cosine or linear, got "
+                     f"{train_config.schedule!r}")
+
+  name = train_config.optimizer
+  if name == "adamw":
+    tx = optax.adamw(schedule, weight_decay=train_config.weight_decay)
+  elif name == "adam":
+    tx = optax.adam(schedule)
+  elif name == "sgd":
+    tx = optax.chain(optax.add_decayed_weights(train_config.weight_decay),
+                     optax.sgd(schedule, momentum=train_config.momentum))
+  else:
+    raise ValueError(f"config.train.optimizer must be adamw, adam or sgd, got {name!r}")
+  if train_config.grad_clip:
+    tx = optax.chain(optax.clip_by_global_norm(train_config.grad_clip), tx)
+  return tx
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+class JsonlLogger:
+  """Appends one JSON object per line to `DIR/log.jsonl` (resumed runs append)."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, "log.jsonl")
+
+  def write(self, record: Mapping):
+    if jax.process_index() != 0:
+      return
+    record = {k: (float(v) if isinstance(v, (np.floating, np.integer, jax.Array)) else v)
+              for k, v in record.items()}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_dir(workdir: str, stage_name: str, kind: str) -> str:
+  """`DIR/checkpoints/[stage/]{latest,best}`."""
+  parts = [os.path.abspath(workdir), "checkpoints"] + ([stage_name] if stage_name else [])
+  return os.path.join(*parts, kind)
+
+
+def _manager(path: str) -> ocp.CheckpointManager:
+  # Orbax writes into a temporary folder and renames it when complete, so a kill
+  # mid-save leaves the previous checkpoint intact.
+  options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True,
+                                         cleanup_tmp_directories=True)
+  return ocp.CheckpointManager(path, options=options)
+
+
+def restore_latest(path: str, target):
+  """Restores the newest checkpoint under `path` into the structure/shardings of
+  `target`, or returns None when there is none."""
+  if not os.path.isdir(path):
+    return None
+  manager = _manager(path)
+  step = manager.latest_step()
+  if step is None:
+    return None
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+  restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+  manager.close()
+  return restored
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+class Predictor:
+  """The compiled evaluation forward of a stage under a missing-modality scenario.
+
+  One XLA program serves every scenario: the modality mask, the frame-drop rates
+  per modality and the noise intensity are arguments, not constants.
+  """
+
+  def __init__(self, stage: Stage, mesh, batch_size: int, *, on_device: bool):
+    self.stage = stage
+    self.mesh = mesh
+    self.batch_size = batch_size
+    self.on_device = on_device
+
+    def forward(params, method_state, batch, frame_rates, noise_intensity, key):
+      frame_key, noise_key = jax.random.split(key)
+      batch = missing.apply_modality_mask(batch, batch.pop("scenario_modality_mask"))
+      batch = missing.apply_frame_masking(frame_key, batch, frame_rates)
+      batch = missing.add_noise(noise_key, batch, noise_intensity)
+      out = stage.predict(params, method_state, batch)
+      return {"output": out["output"], "embedding": out["embedding"]}
+
+    self._forward = jax.jit(forward)
+
+  def predict_split(self, params, method_state, split: Mapping[str, np.ndarray], *,
+                    modality_mask: np.ndarray, frame_rates=(0.0, 0.0, 0.0),
+                    noise_intensity: float = 0.0, key=None) -> dict[str, np.ndarray]:
+    """Outputs for every row of `split` under one scenario, on the host."""
+    key = jax.random.key(0) if key is None else key
+    arrays = dict(split)
+    arrays["scenario_modality_mask"] = np.asarray(modality_mask, bool)
+    batcher = Batcher(arrays, self.batch_size, self.mesh, on_device=self.on_device)
+    frame_rates = jnp.asarray(frame_rates, jnp.float32)
+    noise_intensity = jnp.asarray(noise_intensity, jnp.float32)
+    chunks = []
+    for i, rows in enumerate(batcher.ordered_rows()):
+      batch = batcher.batch(rows)
+      batch.pop("index")
+      chunks.append(self._forward(params, method_state, batch, frame_rates, noise_intensity,
+                                  jax.random.fold_in(key, i)))
+    outputs = jax.device_get(chunks)
+    return {k: np.concatenate([c[k] for c in outputs])[:batcher.num_rows] for k in outputs[0]}
+
+
+def selection_value(results: Mapping[str, Mapping[str, float]], metric: str) -> float:
+  """Higher-is-better validation score: the mean of `metric` over the scenarios."""
+  value = float(np.mean([r[metric] for r in results.values()]))
+  return -value if metric in metrics_lib.LOWER_IS_BETTER else value
+
+
+def validate(predictor: Predictor, params, method_state, split, spec, *, scenarios: str,
+             task_loss_fn) -> dict[str, dict[str, float]]:
+  """Metrics and mean task loss on the validation split, per fixed combination
+  (`scenarios="fixed"`) or on full modalities only (`"full"`)."""
+  combos = range(7) if scenarios == "fixed" else [6]
+  results = {}
+  num_rows = len(split["label"])
+  for combo in combos:
+    outputs = predictor.predict_split(
+        params, method_state, split,
+        modality_mask=missing.fixed_modality_mask(num_rows, combo))
+    result = metrics_lib.compute_metrics(outputs["output"], split["label"], spec.task,
+                                         label_range=spec.label_range)
+    result["loss"] = float(np.mean(task_loss_fn(outputs["output"], split["label"])))
+    results[missing.COMBINATION_NAMES[combo]] = result
+  return results
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def train_stage(stage: Stage, config, splits, spec, mesh, workdir: str, *,
+                stage_index: int = 0, context: StageContext | None = None,
+                logger: JsonlLogger | None = None):
+  """Trains one stage, resuming from `DIR/checkpoints/[stage/]latest` when present.
+
+  Returns (params, method_state) of the best validation epoch.
+  """
+  from mer_jax.losses.task import task_loss
+
+  context = context or StageContext()
+  logger = logger or JsonlLogger(workdir)
+  train_config = config.train
+  tag = stage.name or config.method
+  batcher = Batcher(splits["train"], train_config.batch_size, mesh,
+                    on_device=config.data.on_device)
+  steps_per_epoch = batcher.steps_per_epoch()
+  tx = make_optimizer(train_config, steps_per_epoch, stage.num_epochs)
+
+  root_key = jax.random.fold_in(jax.random.key(config.seed), stage_index)
+  init_key, train_key = jax.random.split(root_key)
+  example = {k: v[:2] for k, v in batcher.arrays.items()}
+  params = jax.jit(lambda k: stage.model.init({"params": k, "dropout": k}, example,
+                                              train=False)["params"])(init_key)
+  state = TrainState(
+      step=jnp.zeros((), jnp.int32), epoch=jnp.zeros((), jnp.int32), params=params,
+      opt_state=tx.init(params), method_state=stage.init_state(),
+      best_value=jnp.asarray(-jnp.inf, jnp.float32), best_epoch=jnp.asarray(-1, jnp.int32))
+  state = parallel.replicate(state, mesh)
+
+  latest_path = checkpoint_dir(workdir, stage.name, "latest")
+  best_path = checkpoint_dir(workdir, stage.name, "best")
+  restored = restore_latest(latest_path, state)
+  if restored is not None:
+    state = restored
+    logger.write({"event": "resume", "stage": tag, "epoch": int(state.epoch),
+                  "step": int(state.step)})
+
+  def train_step(state: TrainState, batch):
+    key = jax.random.fold_in(train_key, state.step)
+    ctx = StageContext(frozen=context.frozen, frozen_state=context.frozen_state,
+                       epoch=state.epoch)
+    (loss, (step_metrics, method_state)), grads = jax.value_and_grad(
+        stage.loss_fn, has_aux=True)(state.params, state.method_state, batch, key, ctx)
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    # A non-finite loss or gradient skips the update instead of poisoning the params.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    state = state.replace(
+        step=state.step + 1, params=keep(params, state.params),
+        opt_state=keep(opt_state, state.opt_state),
+        method_state=keep(method_state, state.method_state))
+    step_metrics = dict(step_metrics, loss=loss, grad_norm=grad_norm,
+                        skipped=1.0 - finite.astype(jnp.float32))
+    return state, step_metrics
+
+  replicated = parallel.replicated(mesh)
+  train_step = jax.jit(train_step, donate_argnums=(0,), out_shardings=(replicated, replicated))
+  end_epoch = jax.jit(stage.end_epoch) if stage.end_epoch else None
+
+  predictor = Predictor(stage, mesh, config.eval.batch_size, on_device=config.data.on_device)
+  metric = train_config.selection_metric or metrics_lib.PRIMARY_METRIC[spec.task]
+  loss_of = lambda out, lab: np.asarray(task_loss(jnp.asarray(out), jnp.asarray(lab), spec.task))
+
+  latest = _manager(latest_path)
+  best = _manager(best_path)
+  start_epoch = int(state.epoch)
+  for epoch in range(start_epoch, stage.num_epochs):
+    rows = batcher.epoch_rows(config.seed, epoch)
+    bar = tqdm.tqdm(rows, desc=f"{tag} epoch {epoch + 1}/{stage.num_epochs}",
+                    disable=not train_config.progress or jax.process_index() != 0,
+                    leave=False)
+    started, sums = time.time(), None
+    for step_rows in bar:
+      state, step_metrics = train_step(state, batcher.batch(step_rows))
+      sums = step_metrics if sums is None else jax.tree.map(jnp.add, sums, step_metrics)
+      step = int(state.step)
+      if step % train_config.log_every_steps == 0:
+        host = jax.device_get(step_metrics)
+        rate = (bar.n + 1) * train_config.batch_size / max(time.time() - started, 1e-9)
+        bar.set_postfix(loss=f"{host['loss']:.4f}", samples_per_s=f"{rate:.0f}")
+        logger.write({"stage": tag, "step": step, "epoch": epoch,
+                      **{f"train/{k}": v for k, v in host.items()}})
+    epoch_means = {k: float(v) / len(rows) for k, v in jax.device_get(sums).items()}
+    seconds = time.time() - started
+
+    if end_epoch is not None:
+      state = state.replace(method_state=end_epoch(state.method_state, jnp.int32(epoch)))
+
+    results = validate(predictor, state.params, state.method_state, splits["valid"], spec,
+                       scenarios=train_config.selection_scenarios, task_loss_fn=loss_of)
+    value = selection_value(results, metric)
+    val_loss = float(np.mean([r["loss"] for r in results.values()]))
+    improved = value > float(state.best_value)
+    if improved:
+      state = state.replace(best_value=jnp.float32(value), best_epoch=jnp.int32(epoch))
+    state = state.replace(epoch=jnp.int32(epoch + 1))
+    record = {"stage": tag, "epoch": epoch + 1, "step": int(state.step),
+              "epoch_seconds": seconds,
+              "samples_per_second": len(rows) * train_config.batch_size / max(seconds, 1e-9),
+              **{f"train/{k}": v for k, v in epoch_means.items()},
+              "val/loss": val_loss, f"val/{metric}": float(np.mean(
+                  [r[metric] for r in results.values()])),
+              **{f"val/{name}/{metric}": r[metric] for name, r in results.items()},
+              "selection": value, "best_epoch": int(state.best_epoch) + 1}
+    logger.write(record)
+    if jax.process_index() == 0 and train_config.progress:
+      tqdm.tqdm.write(f"[{tag}] epoch {epoch + 1}/{stage.num_epochs} "
+                      f"train loss {epoch_means['loss']:.4f} val loss {val_loss:.4f} "
+                      f"val {metric} {record[f'val/{metric}']:.4f}"
+                      + (" *" if improved else ""))
+    if improved:
+      best.save(epoch + 1, args=ocp.args.StandardSave(state))
+    latest.save(epoch + 1, args=ocp.args.StandardSave(state))
+    latest.wait_until_finished()
+    best.wait_until_finished()
+  latest.close()
+  best.close()
+  final = restore_latest(best_path, state) or state
+  return final.params, final.method_state
+
+
+def load_stage_params(workdir: str, stage: Stage, example_batch, *, checkpoint: str = "best"):
+  """(params, method_state, epoch) of a trained stage, from its best or latest checkpoint."""
+  path = checkpoint_dir(workdir, stage.name, checkpoint)
+  params = jax.eval_shape(lambda: stage.model.init(
+      {"params": jax.random.key(0), "dropout": jax.random.key(0)}, example_batch,
+      train=False)["params"])
+  manager = _manager(path)
+  step = manager.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"no {checkpoint} checkpoint in {path}: train first with "
+                            "python -m mer_jax.train --workdir ...")
+  restored = manager.restore(step, args=ocp.args.StandardRestore())
+  manager.close()
+  if not isinstance(restored, Mapping):
+    restored = restored.__dict__
+  del params
+  return restored["params"], restored["method_state"], int(restored["epoch"])
