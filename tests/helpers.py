@@ -1,0 +1,33 @@
+"""Small shared fixtures for tests: a tiny DataSpec and a random batch in the layout."""
+
+import numpy as np
+
+from mer_jax.data.spec import DataSpec
+
+
+def tiny_spec(task="regression", lengths=(6, 5, 4), dims=(7, 5, 3), num_classes=None):
+  num_classes = num_classes or {"regression": 1, "classification": 4,
+                                "multilabel_binary": 4}[task]
+  return DataSpec(name="tiny", task=task, num_classes=num_classes, dims=dims, lengths=lengths,
+                  label_range=(-3.0, 3.0) if task == "regression" else None)
+
+
+def random_batch(spec, batch_size=4, seed=0, real_lengths=None):
+  rng = np.random.default_rng(seed)
+  batch = {}
+  for index, name in enumerate(("text", "audio", "vision")):
+    length = spec.lengths[index]
+    real = (real_lengths[index] if real_lengths is not None
+            else rng.integers(1, length + 1, batch_size))
+    mask = np.arange(length)[None] < np.asarray(real).reshape(-1, 1)
+    mask = np.broadcast_to(mask, (batch_size, length)).copy()
+    x = rng.normal(size=(batch_size, length, spec.dims[index])).astype(np.float32)
+    batch[name] = np.where(mask[..., None], x, 0.0).astype(np.float32)
+    batch[f"{name}_mask"] = mask
+  if spec.task == "regression":
+    batch["label"] = rng.uniform(-3, 3, batch_size).astype(np.float32)
+  elif spec.task == "classification":
+    batch["label"] = rng.integers(0, spec.num_classes, batch_size).astype(np.int32)
+  else:
+    batch["label"] = rng.integers(0, 2, (batch_size, spec.num_classes)).astype(np.int32)
+  return batch

@@ -1,0 +1,91 @@
+"""End-to-end training on the tiny synthetic config: run outputs, resume, and the
+same validation losses on 1 and 4 devices."""
+
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from mer_jax import train
+
+
+def load_config(name="dqf_mosei.py", arg="tiny"):
+  spec = importlib.util.spec_from_file_location("cfg", os.path.join(REPO, "configs", name))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def read_log(workdir):
+  with open(os.path.join(workdir, "log.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def epoch_records(workdir):
+  return [r for r in read_log(workdir) if "val/loss" in r]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("dqf_tiny"))
+  results = train.run(load_config(), workdir)
+  return workdir, results
+
+
+def test_run_writes_every_output(finished_run):
+  workdir, results = finished_run
+  for path in ("config.json", "log.jsonl", "eval/results.json", "eval/results.csv",
+               "eval/robustness.png"):
+    assert os.path.exists(os.path.join(workdir, path)), path
+  assert os.listdir(os.path.join(workdir, "checkpoints", "latest"))
+  assert os.listdir(os.path.join(workdir, "checkpoints", "best"))
+  with open(os.path.join(workdir, "eval", "results.json")) as f:
+    saved = json.load(f)
+  expected = {"L", "A", "V", "LA", "LV", "AV", "LAV", "MR0.3", "MR0.7", "frame0.0_L",
+              "frame0.5_L", "frame1.0_L", "frame0.0_LAV", "frame0.5_LAV", "summary"}
+  assert expected <= set(saved)
+  assert "frame1.0_LAV" not in saved  # all three modalities fully masked is excluded
+  for name in ("acc2_has0", "acc2_non0", "f1_has0", "acc7", "mae", "corr", "brier", "nll"):
+    assert name in saved["LAV"]
+  assert saved == json.loads(json.dumps(results))
+  with open(os.path.join(workdir, "eval", "results.csv")) as f:
+    assert len(f.read().strip().splitlines()) == len(saved) + 1
+  assert len(epoch_records(workdir)) == 2
+
+
+def test_restarting_a_finished_run_resumes_instead_of_retraining(finished_run):
+  workdir, results = finished_run
+  before = len(epoch_records(workdir))
+  again = train.run(load_config(), workdir)
+  assert len(epoch_records(workdir)) == before  # no epoch trained twice
+  assert any(r.get("event") == "resume" for r in read_log(workdir))
+  assert again["LAV"] == results["LAV"]
+
+
+def test_interrupted_run_continues_from_its_last_epoch(tmp_path):
+  workdir = str(tmp_path)
+  config = load_config()
+  config.train.num_epochs = 1
+  train.run(config, workdir)
+  config = load_config()
+  config.train.num_epochs = 3
+  train.run(config, workdir)
+  epochs = [r["epoch"] for r in epoch_records(workdir)]
+  assert epochs == [1, 2, 3]
+
+
+def test_same_validation_losses_on_one_and_four_devices(tmp_path):
+  losses = {}
+  for devices in (1, 4):
+    config = load_config()
+    config.num_devices = devices
+    config.eval.missing_rates = ()
+    config.eval.frame_rates = ()
+    workdir = str(tmp_path / f"d{devices}")
+    train.run(config, workdir)
+    losses[devices] = [r["val/loss"] for r in epoch_records(workdir)]
+    assert read_log(workdir)[0]["num_devices"] == devices
+  np.testing.assert_allclose(losses[1], losses[4], rtol=1e-4, atol=1e-5)
