@@ -22,8 +22,7 @@ from absl import app, flags
 
 from mer_jax import metrics as metrics_lib
 from mer_jax import parallel
-from mer_jax.data import missing
-from mer_jax.data import pipeline
+from mer_jax.data import missing, pipeline
 from mer_jax.methods import build_stages
 from mer_jax.trainer import Predictor, load_stage_params
 

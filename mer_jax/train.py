@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 
 import jax
 from absl import app, flags, logging
@@ -21,19 +22,57 @@ from mer_jax import evaluate, parallel
 from mer_jax.data import pipeline
 from mer_jax.methods import build_stages
 from mer_jax.methods.base import StageContext
-from mer_jax.trainer import JsonlLogger, train_stage
+from mer_jax.trainer import PREEMPTED_EXIT_CODE, JsonlLogger, Preempted, train_stage
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/<m>_<d>.py[:variant]).",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file (configs/<method>_<dataset>.py[:variant]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created; resumed if it exists).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0 for multi-process runs (optional; "
                                    "SLURM/TPU are discovered automatically with --distributed).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id.")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False, "Resume a workdir whose saved config differs.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
                                  "Call jax.distributed.initialize() (implied by "
                                  "--coordinator_address).")
+
+
+# Fields that may change between a run and its resumption: they do not change what a
+# finished step computed.
+RESUMABLE_CHANGES = ("train.num_epochs", "train.progress", "train.log_every_steps",
+                     "num_devices", "data.on_device", "data.cache_dir", "data.spec")
+
+
+def _flatten(tree, prefix=""):
+  flat = {}
+  for key, value in tree.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, dict):
+      flat.update(_flatten(value, name + "."))
+    else:
+      flat[name] = value
+  return flat
+
+
+def check_workdir(config, workdir: str, *, allow_config_change: bool = False):
+  """Refuses to resume a run whose saved config differs in anything that changes
+  results (an accidental reuse of a workdir), unless explicitly allowed."""
+  path = os.path.join(workdir, "config.json")
+  if allow_config_change or not os.path.exists(path):
+    return
+  with open(path) as f:
+    saved = _flatten(json.load(f))
+  current = _flatten(json.loads(config.to_json_best_effort()))
+  differing = sorted(
+      k for k in set(saved) | set(current)
+      if not k.startswith("eval.") and not any(k.startswith(r) for r in RESUMABLE_CHANGES)
+      and saved.get(k) != current.get(k))
+  if differing:
+    details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differing[:6])
+    raise ValueError(f"{path} holds a run with a different config ({details}); use a new "
+                     "--workdir, or pass --allow_config_change to resume it anyway")
 
 
 def write_config(config, workdir: str):
@@ -42,12 +81,13 @@ def write_config(config, workdir: str):
       f.write(config.to_json_best_effort(indent=2))
 
 
-def run(config, workdir: str) -> dict:
+def run(config, workdir: str, *, allow_config_change: bool = False) -> dict:
   """Trains every stage of `config.method` in `workdir`, then evaluates. Returns the
   final stage's evaluation results ({scenario: {metric: value}, "summary": ...})."""
   if config.num_seeds != 1:
     raise ValueError(f"config.num_seeds={config.num_seeds}: this trainer runs one seed per "
                      "run; start one run per seed with --config.seed")
+  check_workdir(config, workdir, allow_config_change=allow_config_change)
   os.makedirs(workdir, exist_ok=True)
   splits, spec = pipeline.load_data(config.data)
   # The resolved config records the data facts so that prediction needs no data.
@@ -76,7 +116,12 @@ def main(argv):
     raise app.UsageError("--config and --workdir are required")
   if _COORDINATOR.value or _DISTRIBUTED.value:
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  results = run(_CONFIG.value, _WORKDIR.value)
+  try:
+    results = run(_CONFIG.value, _WORKDIR.value,
+                  allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+  except Preempted as preempted:
+    print(f"mer_jax.train: {preempted}", file=sys.stderr)
+    sys.exit(PREEMPTED_EXIT_CODE)
   logging.info("summary: %s", json.dumps(results["summary"]))
   if jax.process_index() == 0:
     print(json.dumps(results["summary"], indent=2))

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 import time
 from collections.abc import Mapping
 
@@ -116,6 +118,12 @@ def _manager(path: str) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(path, options=options)
 
 
+def _save_id(state: TrainState, *, epoch_end: bool) -> int:
+  """Checkpoint number: increases with every save, also when a pre-empted step is
+  saved again at the end of its epoch."""
+  return 2 * int(state.step) + int(epoch_end)
+
+
 def restore_latest(path: str, target):
   """Restores the newest checkpoint under `path` into the structure/shardings of
   `target`, or returns None when there is none."""
@@ -129,6 +137,44 @@ def restore_latest(path: str, target):
   restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
   manager.close()
   return restored
+
+
+# ----------------------------------------------------------------------------- pre-emption
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: try again (resume) later.
+
+
+class Preempted(Exception):
+  """Raised after a SIGTERM/SIGINT once the current step is checkpointed."""
+
+  def __init__(self, step: int, signal_name: str):
+    super().__init__(f"{signal_name} received: checkpoint written at step {step}; run the "
+                     "same command again to resume")
+    self.step = step
+
+
+class PreemptionGuard:
+  """Turns SIGTERM/SIGINT into a flag that the loop checks after each step, so the
+  step in flight finishes and is checkpointed before the process exits."""
+
+  def __init__(self):
+    self.requested = False
+    self.signal_name = ""
+    self._previous = {}
+    if threading.current_thread() is not threading.main_thread():
+      return  # signal handlers can only be installed from the main thread
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._previous[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    self.requested = True
+    self.signal_name = signal.Signals(signum).name
+
+  def restore(self):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous = {}
 
 
 # ----------------------------------------------------------------------------- forward
@@ -272,14 +318,28 @@ def train_stage(stage: Stage, config, splits, spec, mesh, workdir: str, *,
   latest = _manager(latest_path)
   best = _manager(best_path)
   start_epoch = int(state.epoch)
+  # A run pre-empted mid-epoch resumes at the next step of that epoch's fixed order.
+  skip_steps = int(state.step) - start_epoch * steps_per_epoch
+  preemption = PreemptionGuard()
   for epoch in range(start_epoch, stage.num_epochs):
-    rows = batcher.epoch_rows(config.seed, epoch)
+    rows = batcher.epoch_rows(config.seed, epoch)[skip_steps:]
+    skip_steps = 0
     bar = tqdm.tqdm(rows, desc=f"{tag} epoch {epoch + 1}/{stage.num_epochs}",
                     disable=not train_config.progress or jax.process_index() != 0,
                     leave=False)
     started, sums = time.time(), None
     for step_rows in bar:
       state, step_metrics = train_step(state, batcher.batch(step_rows))
+      if preemption.requested:
+        latest.save(_save_id(state, epoch_end=False), args=ocp.args.StandardSave(state),
+                    force=True)
+        latest.wait_until_finished()
+        latest.close()
+        best.close()
+        logger.write({"event": "preempted", "stage": tag, "step": int(state.step),
+                      "signal": preemption.signal_name})
+        preemption.restore()
+        raise Preempted(int(state.step), preemption.signal_name)
       sums = step_metrics if sums is None else jax.tree.map(jnp.add, sums, step_metrics)
       step = int(state.step)
       if step % train_config.log_every_steps == 0:
@@ -288,7 +348,8 @@ def train_stage(stage: Stage, config, splits, spec, mesh, workdir: str, *,
         bar.set_postfix(loss=f"{host['loss']:.4f}", samples_per_s=f"{rate:.0f}")
         logger.write({"stage": tag, "step": step, "epoch": epoch,
                       **{f"train/{k}": v for k, v in host.items()}})
-    epoch_means = {k: float(v) / len(rows) for k, v in jax.device_get(sums).items()}
+    epoch_means = ({k: float(v) / len(rows) for k, v in jax.device_get(sums).items()}
+                   if sums is not None else {"loss": float("nan")})
     seconds = time.time() - started
 
     if end_epoch is not None:
@@ -317,10 +378,15 @@ def train_stage(stage: Stage, config, splits, spec, mesh, workdir: str, *,
                       f"val {metric} {record[f'val/{metric}']:.4f}"
                       + (" *" if improved else ""))
     if improved:
-      best.save(epoch + 1, args=ocp.args.StandardSave(state))
-    latest.save(epoch + 1, args=ocp.args.StandardSave(state))
+      best.save(_save_id(state, epoch_end=True), args=ocp.args.StandardSave(state), force=True)
+    latest.save(_save_id(state, epoch_end=True), args=ocp.args.StandardSave(state), force=True)
     latest.wait_until_finished()
     best.wait_until_finished()
+  preemption.restore()
+  if preemption.requested:  # arrived during validation or saving: all is on disk
+    latest.close()
+    best.close()
+    raise Preempted(int(state.step), preemption.signal_name)
   latest.close()
   best.close()
   final = restore_latest(best_path, state) or state

@@ -5,7 +5,6 @@ import importlib.util
 import os
 
 import pytest
-
 from conftest import REPO
 
 CONFIG_FILES = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))

@@ -7,8 +7,8 @@ import os
 
 import numpy as np
 import pytest
-
 from conftest import REPO
+
 from mer_jax import train
 
 

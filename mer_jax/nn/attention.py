@@ -36,7 +36,8 @@ class FeedForward(nn.Module):
     elif self.activation == "relu":
       h = nn.relu(nn.Dense(self.hidden_dim, name="in")(x))
     else:
-      raise ValueError(f"FeedForward.activation must be gelu, geglu or relu, got {self.activation!r}")
+      raise ValueError("FeedForward.activation must be gelu, geglu or relu, got "
+                       f"{self.activation!r}")
     h = nn.Dropout(self.dropout)(h, deterministic=not train)
     return nn.Dense(out_dim, name="out")(h)
 
