@@ -22,3 +22,18 @@ from mer_jax.losses.distillation import (
     sugr,
 )
 from mer_jax.losses.task import task_loss
+from mer_jax.losses.divergences import (
+    anchor_loss,
+    categorical_kl,
+    class_anchor_update,
+    cs_divergence_gaussian,
+    cs_divergence_kernel,
+    distribution_infonce,
+    gaussian_kl_unit_variance,
+    mipc_consistency,
+    pairwise_wasserstein2,
+    regression_anchor_class,
+    symmetric_kl,
+    udcl_loss,
+)
+from mer_jax.losses.uncertainty import gaussian_nll, vib_kl
