@@ -1,0 +1,135 @@
+"""What every TFDS builder of mer_jax shares: where data are written, preparing without
+TensorFlow (array_record), and reading whole splits into the in-memory layout.
+
+Preparing is guarded by a file lock next to the prepared data, so two processes that load
+the same dataset at once prepare it once; TFDS itself writes into a temporary folder and
+renames it, so a crash never leaves a half-written dataset behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from mer_jax.data import synthetic
+from mer_jax.data.builders.synthetic import SyntheticMer, make_config
+from mer_jax.data.spec import MASK_KEYS, DataSpec
+
+DATA_DIR_ENV = "MER_JAX_DATA_DIR"
+FILE_FORMAT = "array_record"
+READ_CHUNK = 256  # examples decoded per data-source call
+
+
+def default_data_dir() -> str:
+  """Where builders write: `$MER_JAX_DATA_DIR`, else `~/.cache/mer_jax/tfds`."""
+  return os.environ.get(DATA_DIR_ENV) or os.path.join(os.path.expanduser("~"), ".cache",
+                                                      "mer_jax", "tfds")
+
+
+@contextlib.contextmanager
+def _prepare_lock(builder: tfds.core.DatasetBuilder):
+  # One lock per (dataset, config): the folder above the version folder.
+  lock_dir = os.fspath(builder.data_path.parent)
+  os.makedirs(lock_dir, exist_ok=True)
+  with open(os.path.join(lock_dir, ".prepare.lock"), "w") as lock_file:
+    fcntl.flock(lock_file, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+def _is_prepared(builder: tfds.core.DatasetBuilder) -> bool:
+  # TFDS writes dataset_info.json last, inside the renamed folder (and its own
+  # is_prepared() warns about the empty version folder that building creates).
+  return os.path.exists(os.path.join(builder.data_dir, "dataset_info.json"))
+
+
+def prepare(builder: tfds.core.DatasetBuilder) -> None:
+  """Writes the builder's array_record files unless they already exist (no network)."""
+  if _is_prepared(builder):
+    return
+  with _prepare_lock(builder):
+    if _is_prepared(builder):
+      # Another process prepared it while we waited: this builder was created before the
+      # files existed, so its info has no split lengths yet.
+      builder.info.read_from_directory(builder.data_dir)
+      return
+    builder.download_and_prepare(
+        file_format=FILE_FORMAT,
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+
+
+def _stack(values: list, out: np.ndarray | None, start: int, total: int) -> np.ndarray:
+  batch = np.stack([np.asarray(v) for v in values])
+  if out is None:
+    out = np.empty((total,) + batch.shape[1:], batch.dtype)
+  out[start:start + len(batch)] = batch
+  return out
+
+
+def _read_split(source, features) -> dict[str, np.ndarray]:
+  total = len(source)
+  arrays: dict[str, np.ndarray] = {}
+  for start in range(0, total, READ_CHUNK):
+    examples = source.__getitems__(list(range(start, min(start + READ_CHUNK, total))))
+    for key in examples[0]:
+      arrays[key] = _stack([e[key] for e in examples], arrays.get(key), start, total)
+  for key, value in arrays.items():
+    if value.dtype.kind in ("S", "O"):  # tfds.features.Text comes back as bytes
+      arrays[key] = np.asarray([v.decode("utf-8") if isinstance(v, bytes) else str(v)
+                                for v in value])
+    elif key in features and hasattr(features[key], "np_dtype"):
+      # Integer tensors without a byte encoding come back as int64: restore the declared type.
+      arrays[key] = value.astype(features[key].np_dtype, copy=False)
+  for key in MASK_KEYS:
+    if key in arrays:
+      arrays[key] = arrays[key].astype(bool, copy=False)
+  return arrays
+
+
+def load_splits(builder: tfds.core.DatasetBuilder,
+                splits=synthetic.SPLITS) -> dict[str, dict[str, np.ndarray]]:
+  """Prepares `builder` if needed and reads whole splits as dicts of stacked arrays.
+
+  Returns:
+    {split: {feature: (N, ...) array}}, examples in stored order; text features become
+    `str` arrays, `*_mask` features `bool`, other tensors their declared dtype.
+  """
+  prepare(builder)
+  if builder.info.file_format is not None and \
+      builder.info.file_format.value != FILE_FORMAT:
+    raise ValueError(f"{builder.data_dir} holds {builder.info.file_format.value} files; mer_jax "
+                     f"reads {FILE_FORMAT} only (no TensorFlow): delete that folder to rebuild")
+  sources = builder.as_data_source()
+  missing = [split for split in splits if split not in sources]
+  if missing:
+    raise ValueError(f"{builder.data_dir} has no split(s) {missing}; it has {sorted(sources)}")
+  return {split: _read_split(sources[split], builder.info.features) for split in splits}
+
+
+def load_synthetic(preset: str, *, data_dir: str | None = None, seed: int = 0,
+                   sizes: dict[str, int] | None = None,
+                   task: str | None = None) -> tuple[dict[str, dict[str, np.ndarray]], DataSpec]:
+  """The synthetic preset's splits (through the TFDS builder, prepared once) and DataSpec.
+
+  Args:
+    preset: a key of `mer_jax.data.synthetic.PRESETS`.
+    data_dir: TFDS data folder (default `default_data_dir()`).
+    seed: data seed.
+    sizes: split sizes overriding the preset's defaults (some or all of train/valid/test).
+    task: default the preset's natural task; classification presets also accept
+      `multilabel_binary` (labels become (N, K) binaries).
+  """
+  spec = synthetic.spec_for(preset, task)
+  builder = SyntheticMer(config=make_config(preset, seed=seed, sizes=sizes),
+                         data_dir=data_dir or default_data_dir(), file_format=FILE_FORMAT)
+  splits = load_splits(builder)
+  if spec.task == "multilabel_binary":
+    for arrays in splits.values():
+      arrays["label"] = synthetic.to_multilabel_binary(arrays["label"], spec.num_classes)
+  return splits, spec
