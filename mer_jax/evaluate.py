@@ -26,13 +26,6 @@ from mer_jax.data import missing, pipeline
 from mer_jax.methods import build_stages
 from mer_jax.trainer import Predictor, load_stage_params
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by mer_jax.train.")
-_CHECKPOINT = flags.DEFINE_enum("checkpoint", None, ["best", "latest"],
-                                "Which checkpoint to evaluate (default: config.eval.checkpoint).")
-_EMBEDDINGS = flags.DEFINE_bool("embeddings", False,
-                                "Also save fused embeddings per scenario and a t-SNE plot.")
-_SPLIT = flags.DEFINE_enum("split", None, ["valid", "test"], "Split (default config.eval.split).")
-
 
 def scenario_inputs(scenario, num_rows: int, key):
   """(modality_mask (N, 3), frame_rates (3,), noise_intensity) of one scenario."""
@@ -219,6 +212,18 @@ def evaluate_run(workdir: str, config=None, *, checkpoint: str | None = None,
   return all_results[stages[-1].name or "final"]
 
 
+def _define_flags():
+  """Command-line flags, defined only when this module is the program (so that
+  importing it from another CLI defines no duplicate flags)."""
+  global _WORKDIR, _CHECKPOINT, _EMBEDDINGS, _SPLIT
+  _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by mer_jax.train.")
+  _CHECKPOINT = flags.DEFINE_enum("checkpoint", None, ["best", "latest"],
+                                  "Which checkpoint to evaluate (default: config.eval.checkpoint).")
+  _EMBEDDINGS = flags.DEFINE_bool("embeddings", False,
+                                  "Also save fused embeddings per scenario and a t-SNE plot.")
+  _SPLIT = flags.DEFINE_enum("split", None, ["valid", "test"], "Split (default config.eval.split).")
+
+
 def main(argv):
   del argv
   if not _WORKDIR.value:
@@ -229,4 +234,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  parallel.enable_compilation_cache()
+  _define_flags()
   app.run(main)

@@ -7,6 +7,8 @@ contrastive and kernel losses have single-device semantics on any device count.
 
 from __future__ import annotations
 
+import os
+
 import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding
@@ -73,3 +75,18 @@ def initialize_distributed(coordinator_address: str | None = None,
     kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes,
                   process_id=process_id)
   jax.distributed.initialize(**kwargs)
+
+
+def enable_compilation_cache(path: str | None = None) -> None:
+  """Persists compiled programs across runs (the CLIs call this): restarting,
+  resuming or evaluating a run then skips recompiling its train and eval steps.
+
+  `path` defaults to $MER_JAX_COMPILATION_CACHE or ~/.cache/mer_jax/jax_cache; an
+  explicit JAX_COMPILATION_CACHE_DIR set by the user wins.
+  """
+  if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return
+  path = path or os.environ.get("MER_JAX_COMPILATION_CACHE") or os.path.join(
+      os.path.expanduser("~"), ".cache", "mer_jax", "jax_cache")
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)

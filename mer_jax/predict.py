@@ -26,11 +26,6 @@ from mer_jax.losses.task import predicted_probabilities, predictive_entropy
 from mer_jax.methods import build_stages
 from mer_jax.trainer import Predictor, load_stage_params
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by mer_jax.train.")
-_INPUT = flags.DEFINE_string("input", None, "Input .npz (bring-your-own layout).")
-_OUTPUT = flags.DEFINE_string("output", None, "Output .json (default: print).")
-_CHECKPOINT = flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "Checkpoint to use.")
-
 
 def spec_from_config(config) -> DataSpec:
   """The DataSpec a run was trained with (saved as config.data.spec by mer_jax.train)."""
@@ -143,6 +138,16 @@ def predict_file(workdir: str, input_path: str, *, checkpoint: str = "best") -> 
   return Model(workdir, checkpoint=checkpoint)(arrays, source=input_path)
 
 
+def _define_flags():
+  """Command-line flags, defined only when this module is the program (so that
+  importing it from another CLI defines no duplicate flags)."""
+  global _WORKDIR, _INPUT, _OUTPUT, _CHECKPOINT
+  _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by mer_jax.train.")
+  _INPUT = flags.DEFINE_string("input", None, "Input .npz (bring-your-own layout).")
+  _OUTPUT = flags.DEFINE_string("output", None, "Output .json (default: print).")
+  _CHECKPOINT = flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "Checkpoint to use.")
+
+
 def main(argv):
   del argv
   if not _WORKDIR.value or not _INPUT.value:
@@ -157,4 +162,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  parallel.enable_compilation_cache()
+  _define_flags()
   app.run(main)

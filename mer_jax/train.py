@@ -128,4 +128,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  parallel.enable_compilation_cache()
   app.run(main)

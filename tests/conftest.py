@@ -10,6 +10,11 @@ os.environ.setdefault("MER_JAX_DATA_DIR", os.path.join(os.path.dirname(__file__)
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 4)
+# Tests compile the same small programs many times (every tiny run); a persistent
+# compilation cache turns the repeats into cache hits.
+jax.config.update("jax_compilation_cache_dir", os.path.join(
+    os.path.dirname(__file__), "..", ".pytest_cache", "jax_compilation_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 import pytest  # noqa: E402
 

@@ -10,6 +10,7 @@ the host and transferred per step.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -46,6 +47,13 @@ def device_arrays(split: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   return arrays
 
 
+@functools.cache
+def _sharded_gather(mesh):
+  """One compiled gather per mesh (and per shapes), shared by every Batcher."""
+  return jax.jit(lambda data, rows: jax.tree.map(lambda x: x[rows], data),
+                 out_shardings=parallel.data_sharding(mesh))
+
+
 class Batcher:
   """Draws batches of one split onto a mesh.
 
@@ -68,9 +76,6 @@ class Batcher:
     self.on_device = on_device
     if on_device:
       self._resident = parallel.replicate(self.arrays, mesh)
-      self._gather = jax.jit(
-          lambda data, rows: jax.tree.map(lambda x: x[rows], data),
-          out_shardings=parallel.data_sharding(mesh))
 
   def steps_per_epoch(self) -> int:
     return self.num_rows // self.batch_size
@@ -94,5 +99,6 @@ class Batcher:
 
   def batch(self, rows: np.ndarray) -> dict[str, jax.Array]:
     if self.on_device:
-      return self._gather(self._resident, jax.device_put(rows, parallel.data_sharding(self.mesh)))
+      rows = jax.device_put(rows, parallel.data_sharding(self.mesh))
+      return _sharded_gather(self.mesh)(self._resident, rows)
     return parallel.shard_batch({k: v[rows] for k, v in self.arrays.items()}, self.mesh)
