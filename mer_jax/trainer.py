@@ -257,42 +257,19 @@ def validate(predictor: Predictor, params, method_state, split, spec, *, scenari
 # ----------------------------------------------------------------------------- training
 
 
-def train_stage(stage: Stage, config, splits, spec, mesh, workdir: str, *,
-                stage_index: int = 0, context: StageContext | None = None,
-                logger: JsonlLogger | None = None):
-  """Trains one stage, resuming from `DIR/checkpoints/[stage/]latest` when present.
-
-  Returns (params, method_state) of the best validation epoch.
-  """
-  from mer_jax.losses.task import task_loss
-
-  context = context or StageContext()
-  logger = logger or JsonlLogger(workdir)
-  train_config = config.train
-  tag = stage.name or config.method
-  batcher = Batcher(splits["train"], train_config.batch_size, mesh,
-                    on_device=config.data.on_device)
-  steps_per_epoch = batcher.steps_per_epoch()
-  tx = make_optimizer(train_config, steps_per_epoch, stage.num_epochs)
-
-  root_key = jax.random.fold_in(jax.random.key(config.seed), stage_index)
-  init_key, train_key = jax.random.split(root_key)
-  example = {k: v[:2] for k, v in batcher.arrays.items()}
-  params = jax.jit(lambda k: stage.model.init({"params": k, "dropout": k}, example,
-                                              train=False)["params"])(init_key)
-  state = TrainState(
+def init_train_state(stage: Stage, tx, example_batch, key) -> TrainState:
+  """Fresh parameters, optimiser and method state of a stage."""
+  params = jax.jit(lambda k: stage.model.init({"params": k, "dropout": k}, example_batch,
+                                              train=False)["params"])(key)
+  return TrainState(
       step=jnp.zeros((), jnp.int32), epoch=jnp.zeros((), jnp.int32), params=params,
       opt_state=tx.init(params), method_state=stage.init_state(),
       best_value=jnp.asarray(-jnp.inf, jnp.float32), best_epoch=jnp.asarray(-1, jnp.int32))
-  state = parallel.replicate(state, mesh)
 
-  latest_path = checkpoint_dir(workdir, stage.name, "latest")
-  best_path = checkpoint_dir(workdir, stage.name, "best")
-  restored = restore_latest(latest_path, state)
-  if restored is not None:
-    state = restored
-    logger.write({"event": "resume", "stage": tag, "epoch": int(state.epoch),
-                  "step": int(state.step)})
+
+def make_train_step(stage: Stage, tx, train_key, context: StageContext, mesh):
+  """The compiled step `(state, batch) -> (state, metrics)`: missing protocol, forward,
+  losses, gradients and optimiser update in one XLA program over the mesh."""
 
   def train_step(state: TrainState, batch):
     key = jax.random.fold_in(train_key, state.step)
@@ -317,9 +294,43 @@ def train_stage(stage: Stage, config, splits, spec, mesh, workdir: str, *,
   replicated = parallel.replicated(mesh)
   # Fixed in/out shardings: state replaced on the host between epochs (epoch counter,
   # best value) is re-laid out to match instead of triggering a recompilation.
-  train_step = jax.jit(train_step, donate_argnums=(0,),
-                       in_shardings=(replicated, parallel.data_sharding(mesh)),
-                       out_shardings=(replicated, replicated))
+  return jax.jit(train_step, donate_argnums=(0,),
+                 in_shardings=(replicated, parallel.data_sharding(mesh)),
+                 out_shardings=(replicated, replicated))
+
+
+def train_stage(stage: Stage, config, splits, spec, mesh, workdir: str, *,
+                stage_index: int = 0, context: StageContext | None = None,
+                logger: JsonlLogger | None = None):
+  """Trains one stage, resuming from `DIR/checkpoints/[stage/]latest` when present.
+
+  Returns (params, method_state) of the best validation epoch.
+  """
+  from mer_jax.losses.task import task_loss
+
+  context = context or StageContext()
+  logger = logger or JsonlLogger(workdir)
+  train_config = config.train
+  tag = stage.name or config.method
+  batcher = Batcher(splits["train"], train_config.batch_size, mesh,
+                    on_device=config.data.on_device)
+  steps_per_epoch = batcher.steps_per_epoch()
+  tx = make_optimizer(train_config, steps_per_epoch, stage.num_epochs)
+
+  root_key = jax.random.fold_in(jax.random.key(config.seed), stage_index)
+  init_key, train_key = jax.random.split(root_key)
+  example = {k: v[:2] for k, v in batcher.arrays.items()}
+  state = parallel.replicate(init_train_state(stage, tx, example, init_key), mesh)
+
+  latest_path = checkpoint_dir(workdir, stage.name, "latest")
+  best_path = checkpoint_dir(workdir, stage.name, "best")
+  restored = restore_latest(latest_path, state)
+  if restored is not None:
+    state = restored
+    logger.write({"event": "resume", "stage": tag, "epoch": int(state.epoch),
+                  "step": int(state.step)})
+
+  train_step = make_train_step(stage, tx, train_key, context, mesh)
   end_epoch = jax.jit(stage.end_epoch) if stage.end_epoch else None
 
   predictor = Predictor(stage, mesh, config.eval.batch_size, on_device=config.data.on_device)
