@@ -385,6 +385,9 @@ def train_stage(stage: Stage, config, splits, spec, mesh, workdir: str, *,
     if improved:
       state = state.replace(best_value=jnp.float32(value), best_epoch=jnp.int32(epoch))
     state = state.replace(epoch=jnp.int32(epoch + 1))
+    # Host-made scalars carry no mesh: lay them out like the step's output so that the
+    # next epoch reuses the compiled step.
+    state = parallel.replicate(state, mesh)
     record = {"stage": tag, "epoch": epoch + 1, "step": int(state.step),
               "epoch_seconds": seconds,
               "samples_per_second": len(rows) * train_config.batch_size / max(seconds, 1e-9),
