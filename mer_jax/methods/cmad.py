@@ -1,0 +1,274 @@
+"""CMAD: Correlation-aware and Modalities-aware Distillation (cmad_supplementary.txt),
+as SPEC section 7 decides it.
+
+Two stages, one architecture (Sec. 6.1): Conv1D + Perceiver per modality, a 2-layer
+transformer over the modality tokens and a linear fusion layer
+(`nn.fusion.PerceiverFusion` with one MLP layer) give the fused embedding E (B, D); a
+linear classifier predicts. No VIB.
+
+  teacher: L = mean L_task (MAE for regression, cross-entropy otherwise) on
+    `config.teacher.missing` (full modalities by default).
+  student: L = delta * L_CAFD + mean_i(Psi_{c_i} * task_i) + gamma * mean_i(Psi_{c_i} * aux_i)
+    on `config.missing` (training drop with probabilities (2,3,3,1,1,3,1)/14), the
+    frozen teacher run on the clean full-modality batch inside the same compiled step.
+
+MAR (Table 5, Algorithm 1): the per-combination memory (`losses.mar_init`) is the
+student's method state. For the first G epochs (`loss.mar_epochs`) the weights Psi are
+1 and every step adds the difficulties d_i = relu(l_s,i - l_t,i) to their combination's
+sum and count; at the end of epoch G, `end_epoch` sets Psi_c = rho * (W_c / max W)^2 and
+fixes it. The memory is checkpointed with the params, so a resumed run continues it.
+
+Ablation switches (`config.loss`): `use_cafd` ("w/o CAFD"), `use_mar` ("w/o MAR": Psi = 1),
+`mar_on_task` / `mar_on_aux` (Table 11's L_TM / L_AM), `use_task` / `use_aux` (L_T / L_A),
+`mar_difficulty` = "relative" (d = relu(l_s - l_t)) or "student" (d = l_s, CMAD_t).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from mer_jax import config_lib
+from mer_jax.data import missing
+from mer_jax.data.spec import DataSpec
+from mer_jax.losses.distillation import (
+    cafd,
+    dkd,
+    kd_regression_aux,
+    mar_difficulty,
+    mar_finalize,
+    mar_init,
+    mar_update,
+    mar_weights,
+)
+from mer_jax.losses.task import task_loss
+from mer_jax.methods.base import Stage
+from mer_jax.nn.fusion import PerceiverFusion, perceiver_fusion_from_config
+from mer_jax.nn.heads import OutputHead
+
+_MISSING_KINDS = ("drop", "random_mr", "frame_lnln", "frame_dqf")
+MAR_DIFFICULTIES = ("relative", "student")
+
+
+class CMADModel(nn.Module):
+  """Backbone -> linear classifier (cmad_supplementary.txt Eq. 16-20).
+
+  Returns a dict: `output` (the task prediction) and `embedding` E (B, D).
+  """
+
+  backbone: PerceiverFusion
+  output_shape: tuple[int, ...]
+
+  @nn.compact
+  def __call__(self, batch, *, train: bool):
+    embedding = self.backbone(batch, train=train)["fused"]
+    output = OutputHead(self.output_shape, name="classifier")(embedding, train=train)
+    return {"output": output, "embedding": embedding}
+
+
+def build_model(config, spec: DataSpec) -> CMADModel:
+  """The CMAD network (teacher and student share it) for a dataset."""
+  return CMADModel(backbone=perceiver_fusion_from_config(config.model),
+                   output_shape=spec.output_shape)
+
+
+def init_state():
+  """Student method state: the MAR memory (sums, counts, weights (7,), fixed)."""
+  return {"mar": mar_init()}
+
+
+def finalize_mar_if_due(method_state, epoch, *, mar_epochs: int, rho: float):
+  """`Stage.end_epoch`: after epoch index `epoch` (0-based), once G = `mar_epochs` epochs
+  are complete and the weights are not fixed yet, set Psi from the memory and fix it."""
+  memory = method_state["mar"]
+  due = (jnp.asarray(epoch) + 1 >= mar_epochs) & ~memory["fixed"]
+  finalized = mar_finalize(memory, rho=rho)
+  memory = jax.tree.map(lambda new, old: jnp.where(due, new, old), finalized, memory)
+  return dict(method_state, mar=memory)
+
+
+def _task_per_sample(outputs, labels, task: str):
+  """Eq. 11: MAE for regression, cross-entropy (summed over emotion heads) otherwise."""
+  return task_loss(outputs, labels, task, regression_loss="l1")
+
+
+def student_objective(student_out, teacher_out, labels, combination_ids, memory, *, task: str,
+                      loss_config):
+  """Student loss (Table 5 Eq. 14 with CAFD) and the MAR memory update.
+
+    L = delta * L_CAFD + mean_i(Psi_{c_i} task_i) + gamma * mean_i(Psi_{c_i} aux_i)
+
+  aux = MSE(y_s / phi, y_t / phi) * phi^2 (regression) or DKD with beta = 1 - alpha
+  (classification, multilabel summed over emotion heads) (Eq. 12-13). The memory
+  accumulates the difficulties of this batch unless it is already fixed.
+
+  Args:
+    student_out, teacher_out: `CMADModel` outputs (teacher on full modalities).
+    labels: the batch labels (task layout).
+    combination_ids: (B,) int combination of each student input.
+    memory: MAR memory (see `losses.mar_init`).
+    task: the DataSpec task.
+    loss_config: `config.loss`.
+
+  Returns:
+    (loss, metrics, new_memory).
+  """
+  teacher_out = jax.tree.map(jax.lax.stop_gradient, teacher_out)
+  y_s, y_t = student_out["output"], teacher_out["output"]
+  student_task = _task_per_sample(y_s, labels, task)
+  teacher_task = _task_per_sample(y_t, labels, task)
+  if loss_config.mar_difficulty == "relative":
+    difficulty = mar_difficulty(student_task, teacher_task)
+  else:
+    difficulty = jax.lax.stop_gradient(student_task)
+  new_memory = mar_update(memory, difficulty, combination_ids)
+
+  if task == "regression":
+    aux = kd_regression_aux(y_s, y_t, phi=loss_config.phi)
+  else:
+    aux = dkd(y_s, y_t, labels, alpha=loss_config.dkd_alpha, beta=1.0 - loss_config.dkd_alpha,
+              temperature=loss_config.dkd_temperature)
+  # Weights of this step come from the memory before the update: fixed after epoch G,
+  # ones before, so the order does not matter; it keeps the step's weights well defined.
+  psi = mar_weights(memory, combination_ids)
+  ones = jnp.ones_like(psi)
+  task_weight = psi if (loss_config.use_mar and loss_config.mar_on_task) else ones
+  aux_weight = psi if (loss_config.use_mar and loss_config.mar_on_aux) else ones
+  zero = jnp.zeros((), jnp.float32)
+  task_term = jnp.mean(task_weight * student_task) if loss_config.use_task else zero
+  aux_term = jnp.mean(aux_weight * aux) if loss_config.use_aux else zero
+  cafd_term = (cafd(student_out["embedding"], teacher_out["embedding"], tau=loss_config.tau)
+               if loss_config.use_cafd else zero)
+  loss = (loss_config.cafd_weight * cafd_term + task_term + loss_config.aux_weight * aux_term)
+
+  metrics = {"loss_cafd": cafd_term, "loss_task": task_term, "loss_aux": aux_term,
+             "student_task": student_task.mean(), "teacher_task": teacher_task.mean(),
+             "mar_difficulty": difficulty.mean(),
+             "mar_fixed": memory["fixed"].astype(jnp.float32)}
+  for index, name in enumerate(missing.COMBINATION_NAMES):
+    metrics[f"mar_weight_{name}"] = memory["weights"][index]
+  return loss, metrics, new_memory
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """`config_lib.base_config()` plus every CMAD field, at the MOSEI values of Sec. 6.2.
+
+  The `configs/cmad_*.py` files start from here and set what their dataset changes.
+  """
+  config = config_lib.base_config()
+  config.method = "cmad"
+
+  model = config.model
+  model.width = 96  # D (Sec. 6.2, MOSEI)
+  model.kernel_sizes = (3, 1, 1)  # Conv1D per modality (L, A, V), SPEC section 7
+  model.num_latents = 5
+  model.perceiver_depth = 5  # Sec. 6.1: 5 Perceiver layers on MOSEI
+  model.cross_heads = 1
+  model.latent_heads = 8
+  model.perceiver_mlp_dim = 384  # GEGLU hidden width, 4 D as in the Perceiver
+  model.self_per_cross = 1
+  model.fusion_layers = 2  # "two-layer Transformer Encoder" (Eq. 20)
+  model.fusion_heads = 8
+  model.fusion_mlp_dim = 384
+  model.mlp_layers = 1  # "followed by a linear layer" (Eq. 20)
+  model.position_embedding = True
+  model.dropout = 0.1
+
+  loss = config.loss
+  loss.cafd_weight = 0.1  # delta (the supplement's sigma)
+  loss.aux_weight = 1.0  # gamma
+  loss.tau = 0.2  # CAFD temperature
+  loss.phi = 7.0  # regression auxiliary scale (Eq. 13)
+  loss.dkd_alpha = 0.9  # alpha of DKD (classification / multilabel)
+  loss.dkd_temperature = 1.0
+  loss.mar_epochs = 20  # G
+  loss.mar_rho = 20.0  # rho
+  loss.mar_difficulty = "relative"  # relative: relu(l_s - l_t); student: l_s (CMAD_t)
+  # Ablations: False removes the term / the MAR weighting.
+  loss.use_cafd = True
+  loss.use_mar = True
+  loss.mar_on_task = True
+  loss.mar_on_aux = True
+  loss.use_task = True
+  loss.use_aux = True
+
+  # Teacher stage: full modalities (same variants as MCUR's Table 14 are available).
+  # The teacher shares config.train (optimiser, batch size, selection) with the student.
+  config.teacher = ml_collections.ConfigDict()
+  config.teacher.num_epochs = 100
+  config.teacher.missing = ml_collections.ConfigDict(config.missing.to_dict())
+  config.teacher.missing.kind = "none"
+
+  # Student stage: training drop with CMAD's probabilities (2,3,3,1,1,3,1)/14.
+  config.missing.kind = "drop"
+  config.missing.probs = missing.CMAD_DROP
+
+  config.train.optimizer = "adamw"
+  config.train.learning_rate = 2e-5
+  config.train.weight_decay = 0.01
+  config.train.batch_size = 128
+  config.train.num_epochs = 100
+  return config
+
+
+def _validate(config):
+  for name, missing_config in (("config.teacher.missing", config.teacher.missing),
+                               ("config.missing", config.missing)):
+    if missing_config.kind not in missing.TRAINING_KINDS:
+      raise ValueError(f"{name}.kind must be one of {missing.TRAINING_KINDS}, got "
+                       f"{missing_config.kind!r}")
+  if config.loss.mar_difficulty not in MAR_DIFFICULTIES:
+    raise ValueError(f"config.loss.mar_difficulty must be one of {MAR_DIFFICULTIES}, got "
+                     f"{config.loss.mar_difficulty!r}")
+  if config.loss.mar_epochs < 1:
+    raise ValueError(f"config.loss.mar_epochs (G) must be >= 1: MAR needs at least one epoch "
+                     f"of statistics, got {config.loss.mar_epochs}")
+
+
+def build(config, spec: DataSpec) -> list[Stage]:
+  """[teacher, student] stages of CMAD for a dataset described by `spec`."""
+  _validate(config)
+  task = spec.task
+  loss_config = config.loss
+  teacher_missing = config.teacher.missing
+  student_missing = config.missing
+  teacher_model = build_model(config, spec)
+  student_model = build_model(config, spec)
+  mar_epochs = int(loss_config.mar_epochs)
+  rho = float(loss_config.mar_rho)
+
+  def teacher_loss_fn(params, method_state, batch, key, context):
+    del context
+    missing_key, dropout_key = jax.random.split(key)
+    batch, _ = missing.apply_training_protocol(missing_key, batch, teacher_missing)
+    out = teacher_model.apply({"params": params}, batch, train=True,
+                              rngs={"dropout": dropout_key})
+    loss = _task_per_sample(out["output"], batch["label"], task).mean()
+    return loss, ({"loss_task": loss}, method_state)
+
+  def student_loss_fn(params, method_state, batch, key, context):
+    missing_key, dropout_key = jax.random.split(key)
+    # The frozen teacher sees the clean full-modality batch, deterministically.
+    teacher_out = teacher_model.apply({"params": context.frozen}, batch, train=False)
+    student_batch, combination_ids = missing.apply_training_protocol(
+        missing_key, batch, student_missing)
+    student_out = student_model.apply({"params": params}, student_batch, train=True,
+                                      rngs={"dropout": dropout_key})
+    loss, metrics, memory = student_objective(
+        student_out, teacher_out, batch["label"], combination_ids, method_state["mar"],
+        task=task, loss_config=loss_config)
+    return loss, (metrics, dict(method_state, mar=memory))
+
+  def end_epoch(method_state, epoch):
+    return finalize_mar_if_due(method_state, epoch, mar_epochs=mar_epochs, rho=rho)
+
+  teacher = Stage(name="teacher", model=teacher_model, loss_fn=teacher_loss_fn,
+                  num_epochs=config.teacher.num_epochs,
+                  trained_with_missing=teacher_missing.kind in _MISSING_KINDS)
+  student = Stage(name="student", model=student_model, loss_fn=student_loss_fn,
+                  init_state=init_state, end_epoch=end_epoch,
+                  num_epochs=config.train.num_epochs,
+                  trained_with_missing=student_missing.kind in _MISSING_KINDS)
+  return [teacher, student]

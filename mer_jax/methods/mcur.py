@@ -1,0 +1,256 @@
+"""MCUR: Modality-aware Contrastive and Uncertainty-Regularized emotion recognition
+(mcur.txt), as SPEC section 7 decides it.
+
+Two stages, one architecture (A.1): Conv1D + Perceiver per modality, a 2-layer
+transformer over the modality tokens and a 2-layer MLP (`nn.fusion.PerceiverFusion`),
+a VIB (`nn.gaussian.VIB`) giving the fused embedding E, and a linear classifier.
+
+  teacher (A.2.2, Eq. 22): L = L_task + beta * KL, on `config.teacher.missing` (full
+    modalities by default; Table 14's variants: "noise", "random_mr", "drop" with any
+    probability vector).
+  student (Eq. 15 / 23): L = gamma * L_CL + L_MSE + zeta * mean(L_SUGR) + beta * KL, on
+    `config.missing` (training drop, uniform 1/7), with the frozen teacher run on the
+    clean full-modality batch inside the same compiled step.
+
+Every loss term has a switch in `config.loss` (Table 2: `use_cl`, `use_uncertainty`,
+`use_logits`, `use_mse`; Table 3: `contrastive` in mcb | infonce | one_instance | supcon).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from mer_jax import config_lib
+from mer_jax.data import missing
+from mer_jax.data.spec import DataSpec
+from mer_jax.losses.contrastive import CONTRASTIVE_KINDS, contrastive_categories, contrastive_loss
+from mer_jax.losses.distillation import sugr
+from mer_jax.losses.task import task_loss
+from mer_jax.losses.uncertainty import vib_kl
+from mer_jax.methods.base import Stage
+from mer_jax.nn.fusion import PerceiverFusion, perceiver_fusion_from_config
+from mer_jax.nn.gaussian import VIB
+from mer_jax.nn.heads import OutputHead
+
+# Missing-protocol kinds that simulate absent modalities or frames (Stage.trained_with_missing).
+_MISSING_KINDS = ("drop", "random_mr", "frame_lnln", "frame_dqf")
+
+
+class MCURModel(nn.Module):
+  """Backbone -> VIB -> linear classifier (mcur.txt Eq. 18-21).
+
+  Returns a dict: `output` (the task prediction), `embedding` E (B, D) (the VIB sample
+  in training, its mean in evaluation), `mu` and `sigma` (B, D) of the VIB (absent with
+  `use_vib=False`, where E is the fused embedding itself).
+  """
+
+  backbone: PerceiverFusion
+  output_shape: tuple[int, ...]
+  use_vib: bool = True
+
+  @nn.compact
+  def __call__(self, batch, *, train: bool):
+    fused = self.backbone(batch, train=train)["fused"]
+    if not self.use_vib:
+      output = OutputHead(self.output_shape, name="classifier")(fused, train=train)
+      return {"output": output, "embedding": fused}
+    embedding, mu, sigma = VIB(fused.shape[-1], name="vib")(fused, train=train)
+    output = OutputHead(self.output_shape, name="classifier")(embedding, train=train)
+    return {"output": output, "embedding": embedding, "mu": mu, "sigma": sigma}
+
+
+def build_model(config, spec: DataSpec) -> MCURModel:
+  """The MCUR network (teacher and student share it) for a dataset."""
+  return MCURModel(backbone=perceiver_fusion_from_config(config.model),
+                   output_shape=spec.output_shape, use_vib=config.model.use_vib)
+
+
+def _vib_kl(out):
+  """KL of the VIB posterior to N(0, I) (SPEC: mean over batch and dims); 0 without VIB."""
+  if "mu" not in out:
+    return jnp.zeros((), jnp.float32)
+  return vib_kl(out["mu"], out["sigma"])
+
+
+def teacher_objective(out, labels, *, task: str, loss_config):
+  """Teacher loss (A.2.2, Eq. 22): mean task loss + beta * KL of the VIB.
+
+  Returns (loss, metrics).
+  """
+  task_term = task_loss(out["output"], labels, task,
+                        regression_loss=loss_config.regression_loss).mean()
+  kl = _vib_kl(out)
+  return task_term + loss_config.vib_beta * kl, {"loss_task": task_term, "loss_kl": kl}
+
+
+def student_objective(student_out, teacher_out, labels, combination_ids, *, task: str,
+                      loss_config, key):
+  """Student loss (Eq. 15 with the VIB term of Eq. 23).
+
+    L = gamma * L_CL + w_mse * L_MSE + zeta * mean_i L_SUGR_i + beta * KL_student
+
+  L_CL: `contrastive_loss(loss_config.contrastive, ...)` on the student embeddings E^s,
+  categories from the labels, positives by modality combination (MCB-CL, Eq. 2-5);
+  "infonce" pairs E^s with the teacher's E^t of the same sample.
+  L_MSE: mean over dimensions of (E^s - E^t)^2, averaged over the batch (Eq. 6).
+  L_SUGR: `sugr` (Eq. 7-14) with the Table 2 switches `use_uncertainty`, `use_logits`.
+
+  Args:
+    student_out, teacher_out: `MCURModel` outputs (teacher on full modalities).
+    labels: the batch labels (task layout).
+    combination_ids: (B,) int combination of each student input.
+    task: the DataSpec task.
+    loss_config: `config.loss`.
+    key: jax.random key (the "one_instance" contrastive variant draws positives).
+
+  Returns:
+    (loss, metrics) with every term logged unweighted.
+  """
+  teacher_out = jax.tree.map(jax.lax.stop_gradient, teacher_out)
+  embedding_s, embedding_t = student_out["embedding"], teacher_out["embedding"]
+  zero = jnp.zeros((), jnp.float32)
+
+  if loss_config.use_cl:
+    cl = contrastive_loss(loss_config.contrastive, embedding_s,
+                          contrastive_categories(labels, task), combination_ids,
+                          temperature=loss_config.temperature, mu1=loss_config.mu1,
+                          mu2=loss_config.mu2, paired_embeddings=embedding_t, key=key)
+  else:
+    cl = zero
+  if loss_config.use_mse:
+    mse = jnp.mean(jnp.square(embedding_s.astype(jnp.float32) - embedding_t))
+  else:
+    mse = zero
+  sugr_per_sample = sugr(student_out["output"], teacher_out["output"], labels, task=task,
+                         alpha=loss_config.dkd_alpha, temperature=loss_config.dkd_temperature,
+                         use_uncertainty=loss_config.use_uncertainty,
+                         use_logits=loss_config.use_logits)
+  sugr_term = sugr_per_sample.mean()
+  kl = _vib_kl(student_out)
+  loss = (loss_config.cl_weight * cl + loss_config.mse_weight * mse
+          + loss_config.sugr_weight * sugr_term + loss_config.vib_beta * kl)
+  task_term = task_loss(student_out["output"], labels, task,
+                        regression_loss=loss_config.regression_loss).mean()
+  metrics = {"loss_cl": cl, "loss_mse": mse, "loss_sugr": sugr_term, "loss_kl": kl,
+             "loss_task": task_term}
+  return loss, metrics
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """`config_lib.base_config()` plus every MCUR field, at the MOSEI values of A.2.3.
+
+  The `configs/mcur_*.py` files start from here and set what their dataset changes.
+  """
+  config = config_lib.base_config()
+  config.method = "mcur"
+
+  model = config.model
+  model.width = 96  # D (CMAD's MOSEI width; MCUR builds on the same backbone)
+  model.kernel_sizes = (3, 1, 1)  # Conv1D per modality (L, A, V), SPEC section 7
+  model.num_latents = 5
+  model.perceiver_depth = 5
+  model.cross_heads = 1
+  model.latent_heads = 8
+  model.perceiver_mlp_dim = 384  # GEGLU hidden width, 4 D as in the Perceiver
+  model.self_per_cross = 1
+  model.fusion_layers = 2  # "two-layer transformer encoder" (Eq. 18)
+  model.fusion_heads = 8
+  model.fusion_mlp_dim = 384
+  model.mlp_layers = 2  # "two-layer MLP" (Eq. 18)
+  model.position_embedding = True
+  model.dropout = 0.1
+  model.use_vib = True
+
+  loss = config.loss
+  loss.regression_loss = "l1"  # L_TASK = MAE (Eq. 12)
+  loss.vib_beta = 0.01  # beta (Eq. 22-23)
+  loss.cl_weight = 0.2  # gamma
+  loss.sugr_weight = 5.0  # zeta
+  loss.mse_weight = 1.0  # Eq. 15 weights L_MSE by 1
+  loss.contrastive = "mcb"  # Table 3: mcb | infonce | one_instance | supcon
+  loss.temperature = 0.2  # tau
+  loss.mu1 = 1.0
+  loss.mu2 = 1.0
+  loss.dkd_alpha = 0.2  # alpha of DKD (classification / multilabel)
+  loss.dkd_temperature = 1.0
+  # Table 2 ablations: False removes the term ("w/o L_CL", "w/o L_Uncer", ...).
+  loss.use_cl = True
+  loss.use_mse = True
+  loss.use_uncertainty = True
+  loss.use_logits = True
+
+  # Teacher stage (A.2.2): trained on full modalities. Table 14 variants:
+  #   noise:    --config.teacher.missing.kind=noise --config.teacher.missing.noise_intensity=5
+  #   mr_30:    --config.teacher.missing.kind=random_mr --config.teacher.missing.missing_rate=0.3
+  #   high_l:   --config.teacher.missing.kind=drop --config.teacher.missing.probs="(8,1,1,1,1,1,1)"
+  # The teacher shares config.train (optimiser, batch size, selection) with the student.
+  config.teacher = ml_collections.ConfigDict()
+  config.teacher.num_epochs = 100
+  config.teacher.missing = ml_collections.ConfigDict(config.missing.to_dict())
+  config.teacher.missing.kind = "none"
+
+  # Student stage: training drop over the 7 combinations, 1/7 each (A.2.4); any
+  # probability vector via --config.missing.probs.
+  config.missing.kind = "drop"
+  config.missing.probs = missing.UNIFORM_DROP
+
+  config.train.optimizer = "adamw"
+  config.train.learning_rate = 2e-5
+  config.train.weight_decay = 0.01
+  config.train.batch_size = 128
+  config.train.num_epochs = 100  # A.5.3: 100 epochs
+  return config
+
+
+def _validate(config):
+  if config.loss.contrastive not in CONTRASTIVE_KINDS:
+    raise ValueError(f"config.loss.contrastive must be one of {CONTRASTIVE_KINDS}, got "
+                     f"{config.loss.contrastive!r}")
+  for name, missing_config in (("config.teacher.missing", config.teacher.missing),
+                               ("config.missing", config.missing)):
+    if missing_config.kind not in missing.TRAINING_KINDS:
+      raise ValueError(f"{name}.kind must be one of {missing.TRAINING_KINDS}, got "
+                       f"{missing_config.kind!r}")
+
+
+def build(config, spec: DataSpec) -> list[Stage]:
+  """[teacher, student] stages of MCUR for a dataset described by `spec`."""
+  _validate(config)
+  task = spec.task
+  loss_config = config.loss
+  teacher_missing = config.teacher.missing
+  student_missing = config.missing
+  teacher_model = build_model(config, spec)
+  student_model = build_model(config, spec)
+
+  def teacher_loss_fn(params, method_state, batch, key, context):
+    del context
+    missing_key, dropout_key = jax.random.split(key)
+    batch, _ = missing.apply_training_protocol(missing_key, batch, teacher_missing)
+    out = teacher_model.apply({"params": params}, batch, train=True,
+                              rngs={"dropout": dropout_key})
+    loss, metrics = teacher_objective(out, batch["label"], task=task, loss_config=loss_config)
+    return loss, (metrics, method_state)
+
+  def student_loss_fn(params, method_state, batch, key, context):
+    missing_key, dropout_key, contrastive_key = jax.random.split(key, 3)
+    # The frozen teacher sees the clean full-modality batch, deterministically.
+    teacher_out = teacher_model.apply({"params": context.frozen}, batch, train=False)
+    student_batch, combination_ids = missing.apply_training_protocol(
+        missing_key, batch, student_missing)
+    student_out = student_model.apply({"params": params}, student_batch, train=True,
+                                      rngs={"dropout": dropout_key})
+    loss, metrics = student_objective(student_out, teacher_out, batch["label"], combination_ids,
+                                      task=task, loss_config=loss_config, key=contrastive_key)
+    return loss, (metrics, method_state)
+
+  teacher = Stage(name="teacher", model=teacher_model, loss_fn=teacher_loss_fn,
+                  num_epochs=config.teacher.num_epochs,
+                  trained_with_missing=teacher_missing.kind in _MISSING_KINDS)
+  student = Stage(name="student", model=student_model, loss_fn=student_loss_fn,
+                  num_epochs=config.train.num_epochs,
+                  trained_with_missing=student_missing.kind in _MISSING_KINDS)
+  return [teacher, student]
