@@ -209,7 +209,127 @@ def evaluate_run(workdir: str, config=None, *, checkpoint: str | None = None,
         plot_tsne(os.path.join(eval_dir, "tsne.png"), stage_embeddings, split["label"],
                   spec.task, seed=config.seed)
     all_results[stage.name or "final"] = results
+  if len(stages) > 1 and jax.process_index() == 0:
+    write_stage_comparison(os.path.join(workdir, "eval"), all_results, spec.task,
+                           title=f"{config.method} on {config.data.name} ({split_name})")
   return all_results[stages[-1].name or "final"]
+
+
+def comparison_scenarios(results: Mapping[str, Mapping[str, float]]) -> list[str]:
+  """The MCUR protocol's scenarios present in `results`: the 7 fixed combinations and
+  the random missing rates MR*, in that order (14 with the default config.eval)."""
+  fixed = [n for n in missing.COMBINATION_NAMES if n in results]
+  rates = sorted((metrics_lib.parse_scenario(n)[2], n) for n in results
+                 if metrics_lib.parse_scenario(n)[0] == "random_mr")
+  return fixed + [n for _, n in rates]
+
+
+def stage_comparison(stage_results: Mapping[str, Mapping[str, Mapping[str, float]]],
+                     task: str) -> dict:
+  """Stages of one run side by side on the fixed + MR scenarios (MCUR Table 1 / A.5.8).
+
+  Args:
+    stage_results: stage name -> evaluation results ({scenario: {metric: value}}), in
+      training order (e.g. teacher, then student).
+    task: the DataSpec task.
+
+  Returns:
+    A JSON-ready dict: `stages`, `scenarios`, `primary_metric`; `per_scenario`
+    {scenario: {stage: {metric: value}}}; `average` {stage: {metric: mean over the
+    scenarios}} (MCUR's 14-case "Avg."); `worst` {stage: {metric: worst scenario value}};
+    `delta` {metric: last stage - first stage average}; `lang_dom_gap` {stage: {metric:
+    Eq. 29}} and `bias_amp` {metric: Eq. 30, last stage over first} when L, A, V and AV
+    were evaluated; `last_beats_first`: whether the last stage's average primary metric
+    is better than the first's.
+  """
+  names = list(stage_results)
+  first, last = names[0], names[-1]
+  scenarios = comparison_scenarios(stage_results[last])
+  scenarios = [s for s in scenarios if all(s in stage_results[n] for n in names)]
+  shared = sorted(set.intersection(*(
+      {m for m, v in stage_results[n][s].items() if isinstance(v, (int, float))}
+      for n in names for s in scenarios))) if scenarios else []
+  per_scenario = {s: {n: {m: float(stage_results[n][s][m]) for m in shared} for n in names}
+                  for s in scenarios}
+  average, worst = {}, {}
+  for n in names:
+    values = {m: [per_scenario[s][n][m] for s in scenarios] for m in shared}
+    average[n] = {m: float(np.mean(v)) for m, v in values.items()}
+    worst[n] = {m: float(np.max(v) if m in metrics_lib.LOWER_IS_BETTER else np.min(v))
+                for m, v in values.items()}
+  primary = metrics_lib.PRIMARY_METRIC[task]
+  comparison = {
+      "stages": names, "scenarios": scenarios, "primary_metric": primary,
+      "per_scenario": per_scenario, "average": average, "worst": worst,
+      "delta": {m: average[last][m] - average[first][m] for m in shared},
+  }
+  gap_metrics = [m for m in metrics_lib.LANG_DOM_GAP_METRICS[task] if m in shared]
+  if gap_metrics and all(c in scenarios for c in ("L", "A", "V", "AV")):
+    comparison["lang_dom_gap"] = {
+        n: {m: metrics_lib.lang_dom_gap(stage_results[n], m) for m in gap_metrics}
+        for n in names}
+    comparison["bias_amp"] = {
+        m: metrics_lib.bias_amp(comparison["lang_dom_gap"][last][m],
+                                comparison["lang_dom_gap"][first][m]) for m in gap_metrics}
+  if primary in shared:
+    sign = -1.0 if primary in metrics_lib.LOWER_IS_BETTER else 1.0
+    comparison["last_beats_first"] = bool(
+        sign * (average[last][primary] - average[first][primary]) > 0)
+  return comparison
+
+
+def write_stage_comparison(eval_dir: str, stage_results, task: str, title: str = "") -> dict:
+  """Writes `comparison.json` (`stage_comparison`), `comparison.csv` (scenario, metric,
+  one column per stage, last - first) and `comparison.png` (primary metric, Brier and
+  NLL per scenario and on average) into `eval_dir`. Returns the comparison."""
+  comparison = stage_comparison(stage_results, task)
+  os.makedirs(eval_dir, exist_ok=True)
+  with open(os.path.join(eval_dir, "comparison.json"), "w") as f:
+    json.dump(comparison, f, indent=2)
+  names = comparison["stages"]
+  rows = [(s, comparison["per_scenario"][s]) for s in comparison["scenarios"]]
+  rows.append(("average", comparison["average"]))
+  with open(os.path.join(eval_dir, "comparison.csv"), "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(["scenario", "metric"] + names + [f"{names[-1]}-{names[0]}"])
+    for scenario, values in rows:
+      for metric in sorted(values[names[0]]):
+        row = [values[n][metric] for n in names]
+        writer.writerow([scenario, metric] + row + [row[-1] - row[0]])
+  plot_stage_comparison(os.path.join(eval_dir, "comparison.png"), comparison, title=title)
+  return comparison
+
+
+def plot_stage_comparison(path: str, comparison: Mapping, title: str = ""):
+  """Grouped bars per scenario (+ the average) for the primary metric, Brier and NLL."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  names, scenarios = comparison["stages"], comparison["scenarios"] + ["avg"]
+  metrics = [m for m in (comparison["primary_metric"], "brier", "nll")
+             if m in comparison["average"].get(names[0], {})]
+  fig, axes = plt.subplots(len(metrics), 1, figsize=(max(8, 0.7 * len(scenarios)),
+                                                      3.2 * max(len(metrics), 1)),
+                           squeeze=False)
+  width = 0.8 / len(names)
+  positions = np.arange(len(scenarios))
+  for ax, metric in zip(axes[:, 0], metrics, strict=False):
+    for i, name in enumerate(names):
+      values = [comparison["per_scenario"][s][name][metric] for s in comparison["scenarios"]]
+      values.append(comparison["average"][name][metric])
+      ax.bar(positions + (i - (len(names) - 1) / 2) * width, values, width, label=name)
+    ax.set_xticks(positions, scenarios)
+    better = "lower" if metric in metrics_lib.LOWER_IS_BETTER else "higher"
+    ax.set_ylabel(f"{metric} ({better} is better)")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
 
 
 def _define_flags():
