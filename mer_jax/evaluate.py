@@ -66,16 +66,43 @@ def run_scenarios(predictor: Predictor, params, method_state, split, spec, eval_
   return results, embeddings
 
 
+def aggregate_seeds(per_seed: Mapping[int, Mapping[str, Mapping[str, float]]]) -> dict:
+  """Mean and 95% interval (Student t, over seeds) of every metric of every scenario.
+
+  Returns `{scenario: {metric: mean, metric + "_ci95": half-width, ...}}` with the
+  per-seed values under `seeds` (`{seed: {scenario: {metric: value}}}`).
+  """
+  from scipy import stats
+
+  runs = list(per_seed.values())
+  count = len(runs)
+  t_value = float(stats.t.ppf(0.975, count - 1)) if count > 1 else 0.0
+  aggregated = {}
+  for scenario in runs[0]:
+    row = {}
+    for metric, value in runs[0][scenario].items():
+      if not isinstance(value, (int, float)):
+        continue
+      values = np.array([r[scenario][metric] for r in runs], np.float64)
+      row[metric] = float(values.mean())
+      spread = values.std(ddof=1) if count > 1 else 0.0
+      row[f"{metric}_ci95"] = float(t_value * spread / np.sqrt(count))
+    aggregated[scenario] = row
+  aggregated["seeds"] = {str(seed): dict(result) for seed, result in per_seed.items()}
+  return aggregated
+
+
 def write_results(eval_dir: str, results: Mapping[str, Mapping[str, float]]):
   """results.json ({scenario: {metric: value}} + summary) and results.csv (a row each)."""
   os.makedirs(eval_dir, exist_ok=True)
   with open(os.path.join(eval_dir, "results.json"), "w") as f:
     json.dump(results, f, indent=2, sort_keys=False)
-  columns = sorted({m for r in results.values() for m in r})
+  rows = {name: row for name, row in results.items() if name != "seeds"}
+  columns = sorted({m for r in rows.values() for m in r})
   with open(os.path.join(eval_dir, "results.csv"), "w", newline="") as f:
     writer = csv.writer(f)
     writer.writerow(["scenario"] + columns)
-    for name, row in results.items():
+    for name, row in rows.items():
       writer.writerow([name] + [row.get(c, "") for c in columns])
 
 

@@ -9,6 +9,7 @@ the same workdir resumes from the latest checkpoint (a finished stage is skipped
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -83,13 +84,24 @@ def write_config(config, workdir: str):
 
 def run(config, workdir: str, *, allow_config_change: bool = False) -> dict:
   """Trains every stage of `config.method` in `workdir`, then evaluates. Returns the
-  final stage's evaluation results ({scenario: {metric: value}, "summary": ...})."""
-  if config.num_seeds != 1:
-    raise ValueError(f"config.num_seeds={config.num_seeds}: this trainer runs one seed per "
-                     "run; start one run per seed with --config.seed")
+  final stage's evaluation results ({scenario: {metric: value}, "summary": ...}).
+
+  With `config.num_seeds = K > 1`, seeds `seed .. seed+K-1` are trained one after the
+  other in `workdir/seed{s}` (each identical to a single-seed run with that seed) and
+  `workdir/eval/` reports their mean and 95% interval per metric.
+  """
+  if config.num_seeds < 1:
+    raise ValueError(f"config.num_seeds must be >= 1, got {config.num_seeds}")
+  data = pipeline.load_data(config.data)
+  if config.num_seeds > 1:
+    return _run_seeds(config, workdir, data, allow_config_change)
+  return _run_one(config, workdir, data, allow_config_change)
+
+
+def _run_one(config, workdir: str, data, allow_config_change: bool) -> dict:
+  splits, spec = data
   check_workdir(config, workdir, allow_config_change=allow_config_change)
   os.makedirs(workdir, exist_ok=True)
-  splits, spec = pipeline.load_data(config.data)
   # The resolved config records the data facts so that prediction needs no data.
   with config.unlocked():
     config.data.spec = dataclasses.asdict(spec)
@@ -107,6 +119,29 @@ def run(config, workdir: str, *, allow_config_change: bool = False) -> dict:
   results = evaluate.evaluate_run(workdir, config, data=(splits, spec), mesh=mesh)
   logger.write({"event": "evaluated", **{f"test/{k}": v for k, v in results["summary"].items()
                                          if isinstance(v, (int, float))}})
+  return results
+
+
+def _run_seeds(config, workdir: str, data, allow_config_change: bool) -> dict:
+  check_workdir(config, workdir, allow_config_change=allow_config_change)
+  os.makedirs(workdir, exist_ok=True)
+  with config.unlocked():
+    config.data.spec = dataclasses.asdict(data[1])
+  write_config(config, workdir)
+  per_seed = {}
+  for offset in range(config.num_seeds):
+    seed_config = copy.deepcopy(config)
+    with seed_config.unlocked():
+      seed_config.seed = config.seed + offset
+      seed_config.num_seeds = 1
+    seed_dir = os.path.join(workdir, f"seed{seed_config.seed}")
+    per_seed[seed_config.seed] = _run_one(seed_config, seed_dir, data, allow_config_change)
+  results = evaluate.aggregate_seeds(per_seed)
+  if jax.process_index() == 0:
+    evaluate.write_results(os.path.join(workdir, "eval"), results)
+    evaluate.plot_robustness(os.path.join(workdir, "eval", "robustness.png"), results,
+                             data[1].task, title=f"{config.method} on {config.data.name}, "
+                             f"mean of {config.num_seeds} seeds")
   return results
 
 

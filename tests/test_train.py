@@ -89,3 +89,26 @@ def test_same_validation_losses_on_one_and_four_devices(tmp_path):
     losses[devices] = [r["val/loss"] for r in epoch_records(workdir)]
     assert read_log(workdir)[0]["num_devices"] == devices
   np.testing.assert_allclose(losses[1], losses[4], rtol=1e-4, atol=1e-5)
+
+
+def test_several_seeds_each_equal_their_single_seed_run(tmp_path):
+  config = load_config()
+  config.num_seeds = 2
+  config.eval.missing_rates = ()
+  config.eval.frame_rates = ()
+  results = train.run(config, str(tmp_path / "seeds"))
+  single = load_config()
+  single.seed = 1
+  single.eval.missing_rates = ()
+  single.eval.frame_rates = ()
+  alone = train.run(single, str(tmp_path / "single"))
+  seeds = results["seeds"]
+  assert set(seeds) == {"0", "1"}
+  assert seeds["0"]["LAV"] != seeds["1"]["LAV"]  # different seeds, different models
+  for metric, value in alone["LAV"].items():
+    assert seeds["1"]["LAV"][metric] == pytest.approx(value, abs=1e-6), metric
+  mae = [seeds[s]["LAV"]["mae"] for s in ("0", "1")]
+  assert results["LAV"]["mae"] == pytest.approx(np.mean(mae))
+  half_width = 12.706 * np.std(mae, ddof=1) / np.sqrt(2)  # t(0.975, 1 dof)
+  assert results["LAV"]["mae_ci95"] == pytest.approx(half_width, rel=1e-3)
+  assert os.path.exists(tmp_path / "seeds" / "eval" / "results.csv")
