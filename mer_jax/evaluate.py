@@ -229,7 +229,8 @@ def evaluate_run(workdir: str, config=None, *, checkpoint: str | None = None,
     if jax.process_index() == 0:
       write_results(eval_dir, results)
       plot_robustness(os.path.join(eval_dir, "robustness.png"), results, spec.task,
-                      title=f"{config.method} {stage.name} on {config.data.name} ({split_name})")
+                      title=" ".join(filter(None, [config.method, stage.name, "on",
+                                                        config.data.name, f"({split_name})"])))
       if keep_embeddings:
         np.savez_compressed(os.path.join(eval_dir, "embeddings.npz"),
                             labels=split["label"], **stage_embeddings)
@@ -351,10 +352,11 @@ def plot_stage_comparison(path: str, comparison: Mapping, title: str = ""):
     better = "lower" if metric in metrics_lib.LOWER_IS_BETTER else "higher"
     ax.set_ylabel(f"{metric} ({better} is better)")
     ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=8)
+  handles, labels = axes[0, 0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc="upper right", ncol=len(names), fontsize=9)
   if title:
     fig.suptitle(title)
-  fig.tight_layout()
+  fig.tight_layout(rect=(0, 0, 1, 0.97))
   fig.savefig(path, dpi=110)
   plt.close(fig)
 
