@@ -1,127 +1,173 @@
 """Real data sources (SPEC section 9) behind one entry point, `load(config.data)`.
 
-`npz` is the documented bring-your-own-features format: `{dir}/{train,valid,test}.npz`
-each with `text`/`audio`/`vision` (N, T, D) (any subset of at least two), optional
-`<modality>_lengths` (N,) or `<modality>_mask` (N, T), `label`, optional `id`.
+    source     builder (mer_jax.data.builders.*)   files in config.data.dir
+    mmsa       mmsa.Mmsa            aligned_50.pkl / unaligned_50.pkl / unaligned_39.pkl
+    mult       mult.Mult            mosi_data.pkl / mosei_senti_data.pkl / iemocap_data.pkl
+    merbench   merbench.Merbench    label*.npz + features/<extractor>/<utterance>.npy
+    mmin       mmin.Mmin            {L,A,V}/<type>.h5 + target/<k>/{trn,val,tst}_*.npy
+    npz        npz.NpzFeatures      train.npz / valid.npz / test.npz (bring your own)
+
+Each builder reads and validates the user's files once, writes them as array_record into
+the TFDS data dir (`config.data.cache_dir`, default `~/.cache/mer_jax/tfds` or
+`$MER_JAX_DATA_DIR`), and later runs read the prepared copy; a changed source file is
+detected by its fingerprint and prepared again. The user's folder is never written to.
+
+Options read from `config.data` when a config defines them: `fold` and `num_folds`
+(cross-validation), `features` (per modality (text, audio, vision): extractor folder,
+h5 type or npz key), `max_lengths` (per modality; longer sequences are average-pooled).
+
+When some sample has no real frame of a modality (a slot the dataset lacks, an utterance
+without a detected face), every split also carries `modality_mask` (N, 3), False there,
+which the missing-modality protocols AND with their own masks.
 """
 
 from __future__ import annotations
 
-import os
+import dataclasses
+import importlib
+import logging
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from mer_jax.data import validation
+from mer_jax.data.builders import files
 from mer_jax.data.spec import MODALITIES, DataSpec
 
-SOURCES = ("synthetic", "npz")
-SPLIT_FILES = {"train": "train.npz", "valid": "valid.npz", "test": "test.npz"}
+log = logging.getLogger(__name__)
+
+# source -> (module under mer_jax.data.builders, builder class)
+BUILDERS = {
+    "mmsa": ("mmsa", "Mmsa"),
+    "mult": ("mult", "Mult"),
+    "merbench": ("merbench", "Merbench"),
+    "mmin": ("mmin", "Mmin"),
+    "npz": ("npz", "NpzFeatures"),
+}
+SOURCES = ("synthetic", *BUILDERS)
 
 
-def _read_npz(path: str) -> dict[str, np.ndarray]:
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: config.data.dir must hold "
-                            f"{', '.join(SPLIT_FILES.values())}")
-  with np.load(path, allow_pickle=False) as data:
-    return {k: data[k] for k in data.files}
+def _builder_module(source: str):
+  if source not in BUILDERS:
+    raise ValueError(f"config.data.source={source!r} is not available; choose one of {SOURCES}")
+  return importlib.import_module(f"mer_jax.data.builders.{BUILDERS[source][0]}")
 
 
-def _split_from_npz(path: str, arrays, task: str, lengths, dims):
-  num = len(arrays["label"]) if "label" in arrays else None
-  if num is None:
-    raise ValueError(f"{path}: key 'label' is missing (expected (N,) labels)")
-  split = {}
-  for index, name in enumerate(MODALITIES):
-    length, width = lengths[index], dims[index]
-    x = np.zeros((num, length, width), np.float32)
-    mask = np.zeros((num, length), bool)
-    if name in arrays:
-      raw = np.asarray(arrays[name])
-      if raw.ndim == 2:
-        raw = raw[:, None, :]
-      if raw.ndim != 3 or raw.shape[0] != num:
-        raise ValueError(f"{path}: key {name!r} has shape {raw.shape}; expected ({num}, T, D)")
-      if not np.issubdtype(raw.dtype, np.floating):
-        raise ValueError(f"{path}: key {name!r} has dtype {raw.dtype}; expected a float array")
-      raw = raw.astype(np.float32)
-      bad = ~np.isfinite(raw)
-      if bad.any():
-        raise ValueError(f"{path}: key {name!r} has {int(bad.sum())} NaN/inf values")
-      frame_mask = np.ones(raw.shape[:2], bool)
-      if f"{name}_mask" in arrays:
-        frame_mask = np.asarray(arrays[f"{name}_mask"], bool)
-        if frame_mask.shape != raw.shape[:2]:
-          raise ValueError(f"{path}: key {name}_mask has shape {frame_mask.shape}; "
-                           f"expected {raw.shape[:2]}")
-      elif f"{name}_lengths" in arrays:
-        real = np.asarray(arrays[f"{name}_lengths"]).astype(np.int64)
-        if real.shape != (num,) or real.min() < 0 or real.max() > raw.shape[1]:
-          raise ValueError(f"{path}: key {name}_lengths must be ({num},) ints in "
-                           f"[0, {raw.shape[1]}]")
-        frame_mask = np.arange(raw.shape[1])[None] < real[:, None]
-      x[:, :raw.shape[1]] = np.where(frame_mask[..., None], raw, 0.0)
-      mask[:, :raw.shape[1]] = frame_mask
-    split[name] = x
-    split[f"{name}_mask"] = mask
-  label = np.asarray(arrays["label"])
-  if task == "regression":
-    label = label.reshape(num).astype(np.float32)
-    if not np.all(np.isfinite(label)):
-      raise ValueError(f"{path}: key 'label' has NaN/inf values")
-  elif task == "classification":
-    if label.ndim == 2:  # one-hot
-      label = label.argmax(-1)
-    label = label.reshape(num).astype(np.int32)
-  else:
-    label = label.reshape(num, -1).astype(np.int32)
-    if not np.isin(label, (0, 1)).all():
-      raise ValueError(f"{path}: multilabel_binary 'label' must be (N, K) with values 0/1")
-  split["label"] = label
-  split["id"] = (np.asarray(arrays["id"]).astype(str) if "id" in arrays
-                 else np.asarray([f"{os.path.basename(path)}:{i}" for i in range(num)]))
-  return split
+def builder_class(source: str) -> type[files.FileSourceBuilder]:
+  """The TFDS builder class of a real source."""
+  return getattr(_builder_module(source), BUILDERS[source][1])
 
 
-def load_npz(data_config):
-  root = data_config.dir
-  if not root:
-    raise ValueError("config.data.dir must name the folder with train.npz/valid.npz/test.npz "
-                     "for config.data.source='npz'")
-  raw = {split: _read_npz(os.path.join(root, f)) for split, f in SPLIT_FILES.items()}
-  train = raw["train"]
-  present = [m for m in MODALITIES if m in train]
-  if len(present) < 2:
-    raise ValueError(f"{os.path.join(root, 'train.npz')}: needs at least two of {MODALITIES}, "
-                     f"found {present}")
-  dims, lengths = [], []
-  for name in MODALITIES:
-    shapes = [np.asarray(r[name]).shape for r in raw.values() if name in r]
-    if not shapes:
-      dims.append(1)
-      lengths.append(1)
-      continue
-    widths = {s[-1] for s in shapes}
-    if len(widths) != 1:
-      raise ValueError(f"{root}: key {name!r} has different feature widths across splits: "
-                       f"{sorted(widths)}")
-    dims.append(widths.pop())
-    lengths.append(max(s[1] if len(s) == 3 else 1 for s in shapes))
-  task = data_config.task
-  splits = {split: _split_from_npz(os.path.join(root, SPLIT_FILES[split]), arrays, task,
-                                   lengths, dims) for split, arrays in raw.items()}
-  labels = splits["train"]["label"]
-  if task == "regression":
-    num_classes, label_range = 1, (float(np.floor(labels.min())), float(np.ceil(labels.max())))
-  elif task == "classification":
-    num_classes, label_range = int(max(s["label"].max() for s in splits.values())) + 1, None
-  else:
-    num_classes, label_range = labels.shape[1], None
-  spec = DataSpec(name=data_config.name or "npz", task=task, num_classes=num_classes,
-                  dims=tuple(dims), lengths=tuple(lengths), label_range=label_range)
+def builder_config(data_config) -> files.FileSourceConfig:
+  """The builder config `config.data` selects (checks the files exist, fingerprints them)."""
+  return _builder_module(data_config.source).make_config(data_config)
+
+
+def load(data_config) -> tuple[dict[str, dict[str, np.ndarray]], DataSpec]:
+  """Every split of the real dataset `config.data` selects, and its DataSpec.
+
+  Returns:
+    ({"train" | "valid" | "test": arrays}, DataSpec); arrays in the layout of
+    `mer_jax.data.spec`, plus `modality_mask` (N, 3) bool when some sample lacks a
+    modality, and `unimodal_labels` (N, 3) for MMSA SIMS.
+
+  Raises:
+    FileNotFoundError: a file is missing (the message repeats where it goes and where to
+      get it).
+    validation.DataError: a file does not have the documented form (the message names
+      the file, the key and the expected form).
+  """
+  config = builder_config(data_config)
+  splits, spec = files.load(builder_class(data_config.source), config,
+                            data_dir=files.option(data_config, "cache_dir", "") or None)
+  presence = {name: validation.modality_presence(split) for name, split in splits.items()}
+  if not all(p.all() for p in presence.values()):
+    # Only then: a dataset with every modality everywhere keeps the plain layout.
+    for name, split in splits.items():
+      split["modality_mask"] = presence[name]
+      log.info("%s %s: samples without any real frame per modality (L, A, V): %s",
+               data_config.name, name, tuple(int(a) for a in (~presence[name]).sum(axis=0)))
   return splits, spec
 
 
-def load(data_config):
-  if data_config.source == "npz":
-    return load_npz(data_config)
-  raise ValueError(f"config.data.source={data_config.source!r} is not available; "
-                   f"choose one of {SOURCES}")
+def num_folds(data_config) -> int:
+  """Number of cross-validation folds of the dataset `config.data` selects: IEMOCAP has 5
+  session folds in MERBench; MMIN has 10 (IEMOCAP) / 12 (MSP-IMPROV) speaker folds, or
+  half as many session folds when `config.data.num_folds` asks for them; synthetic data
+  use `config.data.num_folds` (each fold a fresh draw); fixed-split datasets have 1."""
+  if data_config.source == "synthetic":
+    return int(files.option(data_config, "num_folds", 0) or 1)
+  return int(_builder_module(data_config.source).num_folds(data_config))
+
+
+def adapt_widths(split: Mapping[str, np.ndarray], from_dims: Sequence[int],
+                 to_dims: Sequence[int]) -> dict[str, np.ndarray]:
+  """Zero-pads or truncates each modality's feature width from `from_dims` to `to_dims`.
+
+  Cross-dataset evaluation (MCUR A.5.9): a model trained on features of one width reads
+  another dataset's features. Extra channels are dropped and missing ones are zeros, so
+  the result is only meaningful when the leading channels correspond; a warning says so.
+
+  Args:
+    split: arrays in the in-memory layout; modality arrays (N, T, from_dims[m]).
+    from_dims, to_dims: widths (L, A, V).
+
+  Returns:
+    A new split (other arrays shared, not copied) with modality arrays (N, T, to_dims[m]).
+  """
+  from_dims, to_dims = tuple(int(d) for d in from_dims), tuple(int(d) for d in to_dims)
+  if len(from_dims) != 3 or len(to_dims) != 3:
+    raise ValueError(f"adapt_widths: from_dims {from_dims} and to_dims {to_dims} need three "
+                     f"widths (text, audio, vision)")
+  out = dict(split)
+  changed = []
+  for name, source_width, target_width in zip(MODALITIES, from_dims, to_dims, strict=True):
+    x = np.asarray(split[name])
+    if x.shape[-1] != source_width:
+      raise ValueError(f"adapt_widths: {name!r} has width {x.shape[-1]}, not {source_width}")
+    if source_width == target_width:
+      continue
+    if target_width < source_width:
+      out[name] = np.ascontiguousarray(x[..., :target_width])
+      changed.append(f"{name} {source_width}->{target_width} (truncated)")
+    else:
+      pad = [(0, 0)] * (x.ndim - 1) + [(0, target_width - source_width)]
+      out[name] = np.pad(x, pad)
+      changed.append(f"{name} {source_width}->{target_width} (zero-padded)")
+  if changed:
+    log.warning("cross-dataset evaluation: feature widths adapted: %s; channels are matched by "
+                "position, so this is meaningful only for features of the same extractor "
+                "family", ", ".join(changed))
+  return out
+
+
+def cross_dataset(splits: Mapping[str, Mapping[str, np.ndarray]], data_spec: DataSpec,
+                  trained_spec: DataSpec, *, adapt: bool
+                  ) -> tuple[dict[str, dict[str, np.ndarray]], DataSpec]:
+  """Makes another dataset's splits readable by a model trained on `trained_spec`.
+
+  Args:
+    splits: the evaluation dataset's splits.
+    data_spec: its DataSpec.
+    trained_spec: the DataSpec the model was trained with (`config.data.spec` of a run).
+    adapt: zero-pad / truncate differing widths (`adapt_widths`); without it a width
+      difference is an error that names the widths.
+
+  Returns:
+    (splits, spec): the spec has the trained model's dims and lengths (what builds the
+    model) and the evaluation data's name, label range and class names (what the metrics
+    use).
+  """
+  if (data_spec.task, data_spec.num_classes) != (trained_spec.task, trained_spec.num_classes):
+    raise ValueError(f"cross-dataset evaluation needs the same task: the model predicts "
+                     f"{trained_spec.task} with {trained_spec.num_classes} output(s), "
+                     f"{data_spec.name} has {data_spec.task} with {data_spec.num_classes}")
+  spec = dataclasses.replace(data_spec, dims=trained_spec.dims, lengths=trained_spec.lengths)
+  if data_spec.dims == trained_spec.dims:
+    return {k: dict(v) for k, v in splits.items()}, spec
+  if not adapt:
+    raise ValueError(f"{data_spec.name} has feature widths (L, A, V) = {data_spec.dims}; the "
+                     f"model was trained on {trained_spec.dims}. Pass --adapt_widths to zero-pad "
+                     f"/ truncate them (MCUR A.5.9)")
+  return {name: adapt_widths(split, data_spec.dims, trained_spec.dims)
+          for name, split in splits.items()}, spec

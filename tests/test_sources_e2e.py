@@ -1,0 +1,108 @@
+"""A :tiny training run through `mer_jax.train.run` on fixture files of every real-data
+format (MMSA and MulT pickles, MERBench, MMIN, bring-your-own npz with DQF and MCUR).
+
+Each run uses the shapes and sizes of the synthetic preset its config trains on, so that
+its compiled programs are shared with the other tests' runs (persistent compilation cache).
+"""
+
+import importlib.util
+import json
+import os
+
+from conftest import REPO
+from test_sources import (
+  MERBENCH_FEATURES,
+  write_merbench,
+  write_mmin,
+  write_mmsa,
+  write_mult,
+  write_npz,
+)
+
+from mer_jax import train
+from mer_jax.metrics import PRIMARY_METRIC
+
+E2E_DIMS, E2E_LENGTHS = (768, 74, 35), (50, 50, 50)  # the synthetic MOSEI preset's shapes
+IEMOCAP_DIMS, IEMOCAP_LENGTHS = (300, 74, 35), (20, 20, 20)  # the synthetic IEMOCAP preset's
+E2E_SIZES = {"train": 64, "valid": 32, "test": 32}  # the :tiny sizes
+
+
+def load_run_config(config_file, **data):
+  spec = importlib.util.spec_from_file_location("cfg", os.path.join(REPO, "configs", config_file))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("tiny")
+  # Fewer evaluation scenarios (not compiled into anything): the runs check the data path.
+  config.eval.missing_rates = ()
+  config.eval.frame_rates = ()
+  config.train.selection_scenarios = "full"
+  with config.unlocked():
+    for key, value in data.items():
+      config.data[key] = value
+  return config
+
+
+def write_e2e_mmsa(folder):
+  sizes = tuple(E2E_SIZES.values())
+  return write_mmsa(folder, "aligned_50.pkl", sizes=sizes, dims=E2E_DIMS, lengths=E2E_LENGTHS,
+                    aligned=True)
+
+
+def check_run(workdir, results, source, dims, lengths):
+  """The run trained on the fixture (its DataSpec is in config.json) and evaluated every
+  fixed combination with finite primary metrics in range."""
+  with open(os.path.join(workdir, "config.json")) as f:
+    saved = json.load(f)["data"]
+  assert saved["source"] == source
+  assert tuple(saved["spec"]["dims"]) == dims and tuple(saved["spec"]["lengths"]) == lengths
+  metric = PRIMARY_METRIC[saved["task"]]
+  for name in ("L", "A", "V", "LA", "LV", "AV", "LAV"):
+    assert 0.0 <= results[name][metric] <= 1.0, (name, results[name])
+
+
+def test_tiny_dqf_run_on_mmsa_pickle(tmp_path):
+  write_e2e_mmsa(tmp_path / "MOSEI")
+  config = load_run_config("dqf_mosei.py", source="mmsa", name="mosei",
+                           dir=str(tmp_path / "MOSEI"), cache_dir=str(tmp_path / "tfds"))
+  results = train.run(config, str(tmp_path / "run"))
+  check_run(str(tmp_path / "run"), results, "mmsa", E2E_DIMS, E2E_LENGTHS)
+
+
+def test_tiny_dqf_run_on_own_npz_features(tmp_path):
+  sizes = tuple(E2E_SIZES.values())
+  write_npz(tmp_path / "mine", sizes=sizes, dims=E2E_DIMS, lengths=E2E_LENGTHS)
+  config = load_run_config("dqf_mosei.py", source="npz", name="mine",
+                           dir=str(tmp_path / "mine"), cache_dir=str(tmp_path / "tfds"))
+  results = train.run(config, str(tmp_path / "run"))
+  check_run(str(tmp_path / "run"), results, "npz", E2E_DIMS, E2E_LENGTHS)
+
+
+def test_tiny_mcur_runs_on_mult_pickle_and_own_npz_features(tmp_path):
+  sizes = tuple(E2E_SIZES.values())
+  write_mult(tmp_path / "mult", sizes=sizes, dims=IEMOCAP_DIMS, length=IEMOCAP_LENGTHS[0])
+  config = load_run_config("mcur_iemocap.py", source="mult", dir=str(tmp_path / "mult"),
+                           cache_dir=str(tmp_path / "tfds"))
+  workdir = str(tmp_path / "run_mult")
+  check_run(workdir, train.run(config, workdir), "mult", IEMOCAP_DIMS, IEMOCAP_LENGTHS)
+  write_npz(tmp_path / "mine", sizes=sizes, dims=IEMOCAP_DIMS, lengths=IEMOCAP_LENGTHS,
+            task="multilabel_binary")
+  config = load_run_config("mcur_iemocap.py", source="npz", name="mine",
+                           dir=str(tmp_path / "mine"), cache_dir=str(tmp_path / "tfds"))
+  workdir = str(tmp_path / "run_npz")
+  check_run(workdir, train.run(config, workdir), "npz", IEMOCAP_DIMS, IEMOCAP_LENGTHS)
+
+
+def test_tiny_cmarr_runs_on_mmin_and_merbench_folds(tmp_path):
+  write_mmin(tmp_path / "mmin", per_speaker=6, dims=IEMOCAP_DIMS, max_frames=IEMOCAP_LENGTHS)
+  config = load_run_config("cmarr_iemocap.py", source="mmin", dir=str(tmp_path / "mmin"),
+                           cache_dir=str(tmp_path / "tfds"), num_folds=5, fold=1)
+  workdir = str(tmp_path / "run_mmin")
+  check_run(workdir, train.run(config, workdir), "mmin", IEMOCAP_DIMS, IEMOCAP_LENGTHS)
+  src = tmp_path / "iemocap-process"
+  write_merbench(src, whole=True, names_per_split=(8,), dims=IEMOCAP_DIMS,
+                  max_frames=IEMOCAP_LENGTHS, classes=4)
+  config = load_run_config("cmarr_iemocap.py", source="merbench", dir=str(src),
+                           cache_dir=str(tmp_path / "tfds"), num_folds=5, fold=2,
+                           features=MERBENCH_FEATURES)
+  workdir = str(tmp_path / "run_merbench")
+  check_run(workdir, train.run(config, workdir), "merbench", IEMOCAP_DIMS, IEMOCAP_LENGTHS)
