@@ -4,6 +4,8 @@ npz), built through the TFDS builders and checked against numpy; every kind of b
 fails with a message naming the file and key; source changes re-prepare; cross-dataset
 width adaptation; fold counts. Training on each format: tests/test_sources_e2e.py."""
 
+import glob
+import importlib.util
 import logging
 import os
 import pickle
@@ -12,6 +14,7 @@ import chex
 import ml_collections
 import numpy as np
 import pytest
+from conftest import REPO
 
 from mer_jax.data import sources, validation
 from mer_jax.data.builders import files, mmsa
@@ -720,3 +723,21 @@ def test_config_name_changes_with_options_and_fingerprint(tmp_path):
                         fingerprint_digest="abc", max_lengths=(3, 0, 0))
   assert a.name == b.name  # the same files elsewhere share the prepared copy
   assert len({a.name, c.name, d.name}) == 3
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "*.py"))),
+                         ids=os.path.basename)
+def test_every_real_config_names_a_dataset_its_source_reads(path, tmp_path):
+  """The real variant of every config passes its source's name/task/fold checks and stops
+  only at the missing files (whose message says where they go)."""
+  spec = importlib.util.spec_from_file_location("cfg", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("")
+  assert config.data.source in sources.SOURCES and config.data.source != "synthetic"
+  data = ml_collections.ConfigDict(config.data.to_dict())
+  data.dir = str(tmp_path)
+  data.cache_dir = str(tmp_path / "tfds")
+  with pytest.raises(FileNotFoundError, match="Where to get them|Bring-your-own"):
+    sources.load(data)
+  assert sources.num_folds(data) == config.data.get("num_folds", 1)

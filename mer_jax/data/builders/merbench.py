@@ -30,16 +30,15 @@ from mer_jax.data.builders import files
 from mer_jax.data.spec import MODALITIES, DataSpec
 
 LABEL_FILES = {"mosi": "label.npz", "mosei": "label.npz", "sims": "label.npz",
-               "simsv2": "label.npz", "meld": "label.npz", "mer2023": "label-6way.npz",
-               "iemocap": "label_4way.npz", "iemocap6": "label_6way.npz"}
+               "simsv2": "label.npz", "meld": "label.npz", "iemocap": "label_4way.npz",
+               "iemocap6": "label_6way.npz"}
 TASKS = {"mosi": "regression", "mosei": "regression", "sims": "regression",
-         "simsv2": "regression", "meld": "classification", "mer2023": "classification",
-         "iemocap": "classification", "iemocap6": "classification"}
-NUM_CLASSES = {"meld": 7, "mer2023": 6, "iemocap": 4, "iemocap6": 6}
-# Class order of MERBench's label files (toolkit/preprocess/meld.py, toolkit/globals.py);
-# the IEMOCAP files keep the ids of their source pickles and name no classes.
-CLASS_NAMES = {"meld": ("anger", "joy", "sadness", "neutral", "disgust", "fear", "surprise"),
-               "mer2023": ("neutral", "angry", "happy", "sad", "worried", "surprise")}
+         "simsv2": "regression", "meld": "classification", "iemocap": "classification",
+         "iemocap6": "classification"}
+NUM_CLASSES = {"meld": 7, "iemocap": 4, "iemocap6": 6}
+# Class order of MERBench's MELD label file (toolkit/preprocess/meld.py); the IEMOCAP
+# files keep the ids of their source pickles and name no classes.
+CLASS_NAMES = {"meld": ("anger", "joy", "sadness", "neutral", "disgust", "fear", "surprise")}
 LABEL_RANGES = {"mosi": (-3.0, 3.0), "mosei": (-3.0, 3.0), "sims": (-1.0, 1.0),
                 "simsv2": (-1.0, 1.0)}
 # The features DQF uses on MELD (Sec. 4.2): Baichuan-13B text, wav2vec 2.0 large audio,
@@ -57,7 +56,7 @@ MERBench features (read-only; nothing is written into this folder).
 
   config.data.dir = the dataset's MERBench folder (e.g. meld-process/), holding
     label.npz                 (IEMOCAP: label_4way.npz, or label_6way.npz with
-                               config.data.name=iemocap6; MER2023: label-6way.npz)
+                               config.data.name=iemocap6)
     features/<extractor>/<utterance>.npy   one per utterance, for each of the three
                                extractors named by config.data.features (text, audio,
                                vision), e.g. Baichuan-13B-Base-FRA, wav2vec2-large-960h-FRA,

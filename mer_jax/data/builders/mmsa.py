@@ -185,6 +185,11 @@ def read(config: files.FileSourceConfig) -> tuple[dict[str, dict[str, np.ndarray
   splits = {split: read_split(part, split_name=split, source=f"{path}[{SPLIT_KEYS[split]!r}]",
                               dataset=config.dataset, task=config.task)
             for split, part in parts.items()}
+  if len({"unimodal_labels" in split for split in splits.values()}) > 1:
+    log.warning("%s: unimodal labels (%s) are not in every split; not kept", path,
+                ", ".join(UNIMODAL_KEYS))
+    for split in splits.values():
+      split.pop("unimodal_labels", None)
   splits, dims, lengths = files.pad_splits(splits, source=path)
   if dims != RELEASED_DIMS[config.dataset]:
     log.warning("%s: feature widths (L, A, V) = %s differ from the released %s features %s",
