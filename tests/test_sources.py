@@ -685,7 +685,11 @@ def test_adapt_widths_pads_and_truncates(caplog):
   with pytest.raises(ValueError, match=r"\(6, 5, 4\); the model was trained on \(8, 3, 4\).*"
                                        r"--adapt_widths"):
     sources.cross_dataset({"test": split}, other, trained, adapt=False)
-  adapted, spec = sources.cross_dataset({"test": split}, other, trained, adapt=True)
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    adapted, spec = sources.cross_dataset({"valid": split, "test": split}, other, trained,
+                                          adapt=True)
+  assert caplog.text.count("feature widths adapted") == 1  # once, not once per split
   assert spec.dims == (8, 3, 4) and spec.lengths == (50, 50, 50)
   assert spec.label_range == (-1.0, 1.0) and spec.name == "sims"
   assert adapted["test"]["audio"].shape == (3, 2, 3)

@@ -101,7 +101,7 @@ def num_folds(data_config) -> int:
 
 
 def adapt_widths(split: Mapping[str, np.ndarray], from_dims: Sequence[int],
-                 to_dims: Sequence[int]) -> dict[str, np.ndarray]:
+                 to_dims: Sequence[int], *, warn: bool = True) -> dict[str, np.ndarray]:
   """Zero-pads or truncates each modality's feature width from `from_dims` to `to_dims`.
 
   Cross-dataset evaluation (MCUR A.5.9): a model trained on features of one width reads
@@ -111,6 +111,7 @@ def adapt_widths(split: Mapping[str, np.ndarray], from_dims: Sequence[int],
   Args:
     split: arrays in the in-memory layout; modality arrays (N, T, from_dims[m]).
     from_dims, to_dims: widths (L, A, V).
+    warn: log the warning (callers adapting several splits log it once).
 
   Returns:
     A new split (other arrays shared, not copied) with modality arrays (N, T, to_dims[m]).
@@ -134,7 +135,7 @@ def adapt_widths(split: Mapping[str, np.ndarray], from_dims: Sequence[int],
       pad = [(0, 0)] * (x.ndim - 1) + [(0, target_width - source_width)]
       out[name] = np.pad(x, pad)
       changed.append(f"{name} {source_width}->{target_width} (zero-padded)")
-  if changed:
+  if changed and warn:
     log.warning("cross-dataset evaluation: feature widths adapted: %s; channels are matched by "
                 "position, so this is meaningful only for features of the same extractor "
                 "family", ", ".join(changed))
@@ -169,5 +170,5 @@ def cross_dataset(splits: Mapping[str, Mapping[str, np.ndarray]], data_spec: Dat
     raise ValueError(f"{data_spec.name} has feature widths (L, A, V) = {data_spec.dims}; the "
                      f"model was trained on {trained_spec.dims}. Pass --adapt_widths to zero-pad "
                      f"/ truncate them (MCUR A.5.9)")
-  return {name: adapt_widths(split, data_spec.dims, trained_spec.dims)
-          for name, split in splits.items()}, spec
+  return {name: adapt_widths(split, data_spec.dims, trained_spec.dims, warn=index == 0)
+          for index, (name, split) in enumerate(splits.items())}, spec
