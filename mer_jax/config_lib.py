@@ -61,6 +61,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.schedule = "constant"  # constant | cosine | linear
   config.train.warmup_epochs = 0
   config.train.grad_clip = 1.0  # global-norm clip; 0 disables
+  # A NaN/inf loss or gradient: "stop" the run with a message naming the step, the
+  # terms and the last good checkpoint, or "skip" the update and count it in the log.
+  config.train.on_nonfinite = "stop"
   config.train.log_every_steps = 10
   config.train.progress = True  # tqdm bars
   # Model selection on the validation split: this metric, averaged over the 7 fixed
@@ -111,6 +114,92 @@ def apply_variant(config: ml_collections.ConfigDict, variant: str) -> ml_collect
     config.eval.frame_sets = ("L", "LAV")
     config.eval.batch_size = 32
   return config
+
+
+_CHOICES = {
+    "train.optimizer": ("adamw", "adam", "sgd"),
+    "train.schedule": ("constant", "cosine", "linear"),
+    "train.on_nonfinite": ("stop", "skip"),
+    "train.selection_scenarios": ("fixed", "full"),
+    "eval.checkpoint": ("best", "latest"),
+    "missing.fill": ("zero", "normal"),
+}
+
+
+def _get(config, name: str):
+  value = config
+  for part in name.split("."):
+    value = value.get(part) if hasattr(value, "get") else None
+  return value
+
+
+def validate_config(config, spec=None, *, num_train: int | None = None) -> None:
+  """Checks a run config before any data loading or compilation.
+
+  Without `spec`: names (method, source, task, optimiser, schedule, protocols), the
+  device count and batch-size divisibility. With `spec` (the DataSpec the data
+  loaded with) also the dataset's task against the config and the method, and with
+  `num_train` the training batch against the training split.
+
+  Raises:
+    ValueError: naming the offending config field, its value and what is accepted.
+  """
+  import jax
+
+  from mer_jax.data import missing
+  from mer_jax.data.sources import SOURCES
+  from mer_jax.data.spec import TASKS
+  from mer_jax.methods import METHODS, SUPPORTED_TASKS
+
+  def fail(field, message):
+    raise ValueError(f"config.{field}={_get(config, field)!r}: {message}")
+
+  if config.method not in METHODS:
+    fail("method", f"unknown method; choose one of {METHODS}")
+  if config.data.source not in SOURCES:
+    fail("data.source", f"unknown data source; choose one of {SOURCES}")
+  if config.data.task not in TASKS:
+    fail("data.task", f"unknown task; choose one of {TASKS}")
+  for field, choices in _CHOICES.items():
+    if _get(config, field) is not None and _get(config, field) not in choices:
+      fail(field, f"choose one of {choices}")
+  for field in ("missing.kind", "teacher.missing.kind"):
+    if _get(config, field) is not None and _get(config, field) not in missing.TRAINING_KINDS:
+      fail(field, f"unknown training protocol; choose one of {missing.TRAINING_KINDS}")
+  for prefix in ("missing", "teacher.missing"):
+    probs, rate = _get(config, f"{prefix}.probs"), _get(config, f"{prefix}.missing_rate")
+    if probs is not None and (len(probs) != 7 or min(probs) < 0 or sum(probs) <= 0):
+      fail(f"{prefix}.probs", "must be 7 non-negative weights (one per combination L, A, V, "
+           "LA, LV, AV, LAV) with a positive sum")
+    if rate is not None and not 0.0 <= float(rate) <= 1.0:
+      fail(f"{prefix}.missing_rate", "must be in [0, 1]")
+  for field in ("num_seeds", "train.num_epochs", "train.log_every_steps", "train.batch_size",
+                "eval.batch_size"):
+    if int(_get(config, field)) < 1:
+      fail(field, "must be >= 1")
+  if _get(config, "teacher.num_epochs") is not None and int(config.teacher.num_epochs) < 1:
+    fail("teacher.num_epochs", "must be >= 1")
+
+  visible = jax.device_count()
+  if config.num_devices < 0 or config.num_devices > visible:
+    fail("num_devices", f"must be between 0 (every device) and the {visible} visible devices")
+  devices = config.num_devices or visible
+  for field in ("train.batch_size", "eval.batch_size"):
+    if int(_get(config, field)) % devices:
+      fail(field, f"must be divisible by the number of devices ({devices}); the batch is "
+           "split evenly over them")
+
+  if spec is not None:
+    if spec.task != config.data.task:
+      fail("data.task", f"but the dataset {spec.name!r} from config.data.source="
+           f"{config.data.source!r} is a {spec.task!r} dataset")
+    supported = SUPPORTED_TASKS[config.method]
+    if spec.task not in supported:
+      fail("method", f"cannot do the {spec.task!r} task of dataset {spec.name!r} "
+           f"(config.data.task); it supports {supported}")
+  if num_train is not None and num_train < config.train.batch_size:
+    fail("train.batch_size", f"is larger than the training split ({num_train} samples): "
+         "no full batch can be drawn")
 
 
 def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

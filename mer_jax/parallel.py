@@ -35,6 +35,19 @@ def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def process_rows(sharding, num_rows: int) -> slice:
+  """The rows of a `num_rows`-row global batch that this process's devices hold under
+  `sharding` (batch-sharded along the first axis): one contiguous block, wherever the
+  mesh placed this process's devices."""
+  blocks = {(index[0].start or 0, num_rows if index[0].stop is None else index[0].stop)
+            for index in sharding.addressable_devices_indices_map((num_rows,)).values()}
+  start, stop = min(b[0] for b in blocks), max(b[1] for b in blocks)
+  if sum(b[1] - b[0] for b in blocks) != stop - start:
+    raise ValueError(f"this process's devices hold non-contiguous rows {sorted(blocks)} of the "
+                     "batch; build the mesh with parallel.make_mesh (process-major devices)")
+  return slice(start, stop)
+
+
 def shard_batch(batch: dict, mesh) -> dict:
   """Places a host batch (global, identical on every process) on the mesh.
 
@@ -47,16 +60,89 @@ def shard_batch(batch: dict, mesh) -> dict:
 
   def put(x):
     x = np.asarray(x)
-    per_process = x.shape[0] // jax.process_count()
-    start = jax.process_index() * per_process
-    local = x[start:start + per_process]
-    return jax.make_array_from_process_local_data(sharding, local, x.shape)
+    return jax.make_array_from_process_local_data(
+        sharding, x[process_rows(sharding, x.shape[0])], x.shape)
 
   return jax.tree.map(put, batch)
 
 
+def fetch(tree):
+  """Host numpy copies of the arrays in `tree`, complete on every process.
+
+  An array sharded over several processes (a batch-sharded output) is gathered from
+  all of them: a collective, so every process must call this together. Arrays each
+  process holds whole (replicated or local) are copied as `jax.device_get` does.
+  """
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils
+
+  def get(x):
+    if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+      return multihost_utils.process_allgather(x, tiled=True)
+    return jax.device_get(x)
+
+  return jax.tree.map(get, tree)
+
+
 def replicate(tree, mesh):
-  return jax.device_put(tree, replicated(mesh))
+  """`tree` replicated on every device of the mesh.
+
+  On several processes, arrays a process holds whole (host numpy, or a jax.Array on
+  its own devices, e.g. a scalar made on the host) go through host memory: a
+  device_put of such a jax.Array straight to a multi-process sharding yields an array
+  whose shards orbax cannot save (jax 0.12). Every process must pass the same values.
+  """
+  sharding = replicated(mesh)
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+
+  def put(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return jax.device_put(x, sharding)
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      data = jax.make_array_from_process_local_data(sharding, np.asarray(jax.random.key_data(x)))
+      return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+    return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+
+  return jax.tree.map(put, tree)
+
+
+_BARRIER_TIMEOUT_MS = 30 * 60 * 1000
+_barrier_count = 0
+
+
+def sync_processes(name: str) -> None:
+  """Waits until every process reaches this point (a no-op on one process).
+
+  Uses the coordination service's barrier, which tolerates processes arriving many
+  minutes apart (one still compiling), unlike a first gloo collective whose peers must
+  meet within 30 s. Every process must call it the same number of times.
+  """
+  global _barrier_count
+  if jax.process_count() == 1:
+    return
+  # jax keeps its distributed client here; orbax reaches it the same way.
+  from jax._src import distributed
+
+  _barrier_count += 1
+  distributed.global_state.client.wait_at_barrier(f"mer_jax_{name}_{_barrier_count}",
+                                                  _BARRIER_TIMEOUT_MS)
+
+
+def agree(flag: bool) -> bool:
+  """Process 0's value of a host-side decision, on every process.
+
+  Host checks such as "does this checkpoint folder exist yet" can differ between
+  processes that run some seconds apart; branches around collectives (orbax's
+  barriers) must not. Every process must call it.
+  """
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils
+
+  sync_processes("agree")
+  return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag, np.bool_)))
 
 
 def initialize_distributed(coordinator_address: str | None = None,
@@ -75,6 +161,11 @@ def initialize_distributed(coordinator_address: str | None = None,
     kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes,
                   process_id=process_id)
   jax.distributed.initialize(**kwargs)
+  # Open the collectives while the processes are in step (they have just met in
+  # initialize()): peers of a first gloo collective must arrive within 30 s.
+  from jax.experimental import multihost_utils
+
+  multihost_utils.sync_global_devices("mer_jax_initialize")
 
 
 def enable_compilation_cache(path: str | None = None) -> None:

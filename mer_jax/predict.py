@@ -6,6 +6,11 @@ The input is the bring-your-own npz layout (docs/data.md): `text`, `audio`, `vis
 arrays (N, T, D) of the widths the model was trained on — any of them may be absent
 (the modality is then treated as missing) — optional `<modality>_lengths` (N,) or
 `<modality>_mask` (N, T) for missing/padded frames, and optional `id` (N,).
+
+A sample that cannot be predicted (NaN/inf in its real frames, no modality with a real
+frame, a length out of range) gets an `error` field instead of a prediction; problems
+of the whole input (unknown keys, wrong widths, dtypes or sample counts) raise an error
+naming the key before anything runs.
 """
 
 from __future__ import annotations
@@ -39,53 +44,131 @@ def spec_from_config(config) -> DataSpec:
                   class_names=tuple(saved.get("class_names") or ()))
 
 
+# Keys a prediction input may carry besides the modalities and their masks/lengths;
+# anything else is refused, so that a misspelt modality is not silently treated as absent.
+IGNORED_KEYS = ("id", "label", "unimodal_labels", "raw_text")
+
+
+def _input_keys() -> tuple[str, ...]:
+  return (*MODALITIES, *(f"{m}_mask" for m in MODALITIES),
+          *(f"{m}_lengths" for m in MODALITIES), "modality_mask", *IGNORED_KEYS)
+
+
+def _real_array(arrays, key: str, source: str) -> np.ndarray:
+  x = np.asarray(arrays[key])
+  if x.dtype == object or not (np.issubdtype(x.dtype, np.integer)
+                               or np.issubdtype(x.dtype, np.floating)):
+    raise ValueError(f"{source}: key {key!r} has dtype {x.dtype}; expected real numbers "
+                     "(float32 features)")
+  return x
+
+
+def _frame_mask(arrays, name: str, x: np.ndarray, source: str):
+  """(N, T) real frames of modality `name` from `<name>_mask` or `<name>_lengths`, and
+  per-sample messages for lengths out of range."""
+  num, frames = x.shape[:2]
+  problems = [None] * num
+  if f"{name}_mask" in arrays:
+    key = f"{name}_mask"
+    mask = np.asarray(arrays[key])
+    if mask.dtype != bool:
+      if not np.issubdtype(mask.dtype, np.integer) or not np.isin(mask, (0, 1)).all():
+        raise ValueError(f"{source}: key {key!r} must be bool (or 0/1 integers), got dtype "
+                         f"{mask.dtype}")
+      mask = mask.astype(bool)
+    if mask.shape != (num, frames):
+      raise ValueError(f"{source}: key {key!r} has shape {mask.shape}; expected "
+                       f"{(num, frames)} (the frames of {name!r})")
+    return mask, problems
+  if f"{name}_lengths" in arrays:
+    key = f"{name}_lengths"
+    lengths = np.asarray(arrays[key])
+    if lengths.shape != (num,) or not (
+        np.issubdtype(lengths.dtype, np.integer)
+        or (np.issubdtype(lengths.dtype, np.floating) and np.all(lengths == np.round(lengths)))):
+      raise ValueError(f"{source}: key {key!r} must be {num} whole numbers (shape ({num},)); "
+                       f"got shape {lengths.shape}, dtype {lengths.dtype}")
+    lengths = lengths.astype(np.int64)
+    for i in np.flatnonzero((lengths < 0) | (lengths > frames)):
+      problems[i] = f"{key} is {lengths[i]}, outside 0..{frames} (the frames of {name!r})"
+    return np.arange(frames)[None, :] < lengths[:, None], problems
+  return np.ones((num, frames), bool), problems
+
+
 def prepare_inputs(arrays: Mapping[str, np.ndarray], spec: DataSpec, *, source: str = "input"):
-  """Bring-your-own arrays -> (batch arrays in the model's layout, modality_mask (N, 3)).
+  """Bring-your-own arrays -> the model's batch layout, with per-sample errors.
 
   Absent modalities become zeros flagged missing; sequences are padded or cut to the
-  trained length; lengths/masks mark missing frames. Errors name the key and the
-  expected form.
+  trained length; `<modality>_lengths` / `<modality>_mask` mark missing frames and an
+  optional `modality_mask` (N, 3) marks absent modalities.
+
+  Returns:
+    (batch, modality_mask (N, 3) bool, errors): `errors[i]` is None, or why sample i
+    cannot be predicted (NaN/inf in its real frames, a length out of range, no real
+    frame of any modality). Such a sample is all zeros and absent in the batch, so it
+    affects no other sample; the caller reports the error instead of a prediction.
+
+  Raises:
+    ValueError: a problem of the whole input, naming the key and the expected form:
+      unknown keys, no modality key, wrong rank, width, dtype or sample count.
   """
+  unknown = sorted(set(arrays) - set(_input_keys()))
+  if unknown:
+    raise ValueError(f"{source}: unknown keys {unknown}; expected any of {MODALITIES}, "
+                     f"<modality>_lengths, <modality>_mask, modality_mask, id")
   present = [m for m in MODALITIES if m in arrays]
   if not present:
     raise ValueError(f"{source}: none of the keys {MODALITIES} is present; found "
                      f"{sorted(arrays)}")
-  num = int(np.asarray(arrays[present[0]]).shape[0])
+  num = int(np.shape(arrays[present[0]])[0]) if np.ndim(arrays[present[0]]) else 0
+  errors: list[list[str]] = [[] for _ in range(num)]
   batch, modality_mask = {}, np.zeros((num, 3), bool)
   for index, name in enumerate(MODALITIES):
     length, width = spec.lengths[index], spec.dims[index]
     features = np.zeros((num, length, width), np.float32)
     frame_mask = np.zeros((num, length), bool)
     if name in arrays:
-      x = np.asarray(arrays[name], np.float32)
+      x = _real_array(arrays, name, source)
       if x.ndim == 2:  # utterance-level features: one frame
         x = x[:, None, :]
       if x.ndim != 3 or x.shape[0] != num or x.shape[2] != width:
         raise ValueError(f"{source}: key {name!r} has shape {x.shape}; expected ({num}, T, "
                          f"{width}) — the width this model was trained on")
-      if not np.all(np.isfinite(x)):
-        raise ValueError(f"{source}: key {name!r} contains NaN or inf values")
-      mask = np.ones(x.shape[:2], bool)
-      if f"{name}_mask" in arrays:
-        mask = np.asarray(arrays[f"{name}_mask"], bool)
-        if mask.shape != x.shape[:2]:
-          raise ValueError(f"{source}: key {name}_mask has shape {mask.shape}; expected "
-                           f"{x.shape[:2]}")
-      elif f"{name}_lengths" in arrays:
-        lengths = np.asarray(arrays[f"{name}_lengths"]).astype(np.int64)
-        if lengths.shape != (num,) or lengths.min() < 0:
-          raise ValueError(f"{source}: key {name}_lengths must be ({num},) non-negative ints")
-        mask = np.arange(x.shape[1])[None, :] < lengths[:, None]
+      mask, problems = _frame_mask(arrays, name, x, source)
+      with np.errstate(over="ignore", invalid="ignore"):
+        x = x.astype(np.float32)  # float64 beyond float32's range becomes inf: caught below
+      bad = (mask & ~np.isfinite(x).all(axis=2)).any(axis=1)
+      for i in range(num):
+        if problems[i]:
+          errors[i].append(problems[i])
+        elif bad[i]:
+          errors[i].append(f"key {name!r} has NaN or inf values in real frames")
       keep = min(length, x.shape[1])
       features[:, :keep] = np.where(mask[:, :keep, None], x[:, :keep], 0.0)
       frame_mask[:, :keep] = mask[:, :keep]
       modality_mask[:, index] = frame_mask.any(axis=1)
     batch[name] = features
     batch[f"{name}_mask"] = frame_mask
+  if "modality_mask" in arrays:
+    given = np.asarray(arrays["modality_mask"])
+    if given.shape != (num, 3) or not (given.dtype == bool or np.isin(given, (0, 1)).all()):
+      raise ValueError(f"{source}: key 'modality_mask' must be ({num}, 3) bool (L, A, V); got "
+                       f"shape {given.shape}, dtype {given.dtype}")
+    modality_mask &= given.astype(bool)
+  if "id" in arrays and np.shape(arrays["id"])[:1] != (num,):
+    raise ValueError(f"{source}: key 'id' has shape {np.shape(arrays['id'])}; expected ({num},)")
+  for i in range(num):
+    if not errors[i] and not modality_mask[i].any():
+      errors[i].append("every modality is absent (no real frame of text, audio or vision)")
+  invalid = np.array([bool(e) for e in errors], bool)
+  for name in MODALITIES:
+    # An invalid sample enters the forward pass as all-absent zeros.
+    batch[name][invalid] = 0.0
+    batch[f"{name}_mask"][invalid] = False
   batch["label"] = np.zeros((num,) + ((spec.num_classes,) if spec.task == "multilabel_binary"
                                       else ()), np.float32 if spec.task == "regression"
                             else np.int32)
-  return batch, modality_mask
+  return batch, modality_mask, [("; ".join(e) if e else None) for e in errors]
 
 
 class Model:
@@ -96,16 +179,21 @@ class Model:
     self.spec = spec_from_config(self.config)
     self.stage = build_stages(self.config, self.spec)[-1]
     self.mesh = parallel.make_mesh(1)
-    example, _ = prepare_inputs({"text": np.zeros((2, 1, self.spec.dims[0]), np.float32)},
+    example, _, _ = prepare_inputs({"text": np.zeros((2, 1, self.spec.dims[0]), np.float32)},
                                 self.spec)
     self.params, self.method_state, _ = load_stage_params(workdir, self.stage, example,
                                                           checkpoint=checkpoint)
     self.predictor = Predictor(self.stage, self.mesh, 32, on_device=False)
 
   def __call__(self, arrays: Mapping[str, np.ndarray], *, source: str = "input") -> list[dict]:
-    batch, modality_mask = prepare_inputs(arrays, self.spec, source=source)
-    outputs = self.predictor.predict_split(self.params, self.method_state, batch,
-                                           modality_mask=modality_mask)["output"]
+    """One record per sample: the prediction and its uncertainty, or an `error` field
+    (and no prediction) for a sample that cannot be predicted (see `prepare_inputs`)."""
+    batch, modality_mask, errors = prepare_inputs(arrays, self.spec, source=source)
+    if not errors:
+      return []
+    outputs = self.predictor.predict_split(
+        self.params, self.method_state, batch,
+        modality_mask=modality_mask & np.array([e is None for e in errors])[:, None])["output"]
     task = self.spec.task
     probabilities = np.asarray(predicted_probabilities(jnp.asarray(outputs), task))
     entropy = np.asarray(predictive_entropy(jnp.asarray(outputs), task))
@@ -113,8 +201,15 @@ class Model:
     records = []
     for i in range(len(outputs)):
       record = {"id": str(ids[i]) if ids is not None else i,
-                "available": [m for m, p in zip(MODALITIES, modality_mask[i], strict=True) if p],
-                "entropy": float(entropy[i])}
+                "available": [m for m, p in zip(MODALITIES, modality_mask[i], strict=True) if p]}
+      finite = np.isfinite(outputs[i]).all() and np.isfinite(probabilities[i]).all()
+      if errors[i] is None and not finite:
+        errors[i] = "the model output is not finite"
+      if errors[i] is not None:
+        record["error"] = errors[i]
+        records.append(record)
+        continue
+      record["entropy"] = float(entropy[i])
       if task == "regression":
         record["score"] = float(outputs[i])
         record["probability_positive"] = float(probabilities[i])
@@ -133,8 +228,14 @@ class Model:
 def predict_file(workdir: str, input_path: str, *, checkpoint: str = "best") -> list[dict]:
   if not os.path.exists(input_path):
     raise FileNotFoundError(f"--input {input_path} does not exist")
+  arrays = {}
   with np.load(input_path, allow_pickle=False) as data:
-    arrays = {k: data[k] for k in data.files}
+    for key in data.files:
+      try:
+        arrays[key] = data[key]
+      except ValueError as error:  # object arrays (ragged lists) need pickle
+        raise ValueError(f"{input_path}: key {key!r} cannot be read as a plain array "
+                         f"({error}); store features as float32 (N, T, D) arrays") from None
   return Model(workdir, checkpoint=checkpoint)(arrays, source=input_path)
 
 

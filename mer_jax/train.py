@@ -19,7 +19,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mer_jax import evaluate, parallel
+from mer_jax import config_lib, evaluate, parallel, trainer
 from mer_jax.data import pipeline
 from mer_jax.methods import build_stages
 from mer_jax.methods.base import StageContext
@@ -43,7 +43,8 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
 # Fields that may change between a run and its resumption: they do not change what a
 # finished step computed.
 RESUMABLE_CHANGES = ("train.num_epochs", "train.progress", "train.log_every_steps",
-                     "num_devices", "data.on_device", "data.cache_dir", "data.spec")
+                     "train.on_nonfinite", "num_devices", "data.on_device", "data.cache_dir",
+                     "data.spec")
 
 
 def _flatten(tree, prefix=""):
@@ -90,9 +91,11 @@ def run(config, workdir: str, *, allow_config_change: bool = False) -> dict:
   other in `workdir/seed{s}` (each identical to a single-seed run with that seed) and
   `workdir/eval/` reports their mean and 95% interval per metric.
   """
-  if config.num_seeds < 1:
-    raise ValueError(f"config.num_seeds must be >= 1, got {config.num_seeds}")
+  # Every check that needs no data runs before loading and compiling anything.
+  config_lib.validate_config(config)
+  check_workdir(config, workdir, allow_config_change=allow_config_change)
   data = pipeline.load_data(config.data)
+  config_lib.validate_config(config, data[1], num_train=len(data[0]["train"]["label"]))
   if config.num_seeds > 1:
     return _run_seeds(config, workdir, data, allow_config_change)
   return _run_one(config, workdir, data, allow_config_change)
@@ -157,6 +160,9 @@ def main(argv):
   except Preempted as preempted:
     print(f"mer_jax.train: {preempted}", file=sys.stderr)
     sys.exit(PREEMPTED_EXIT_CODE)
+  except trainer.NonFiniteError as error:
+    print(f"mer_jax.train: {error}", file=sys.stderr)
+    sys.exit(1)
   logging.info("summary: %s", json.dumps(results["summary"]))
   if jax.process_index() == 0:
     print(json.dumps(results["summary"], indent=2))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -113,8 +114,12 @@ def checkpoint_dir(workdir: str, stage_name: str, kind: str) -> str:
 def _manager(path: str) -> ocp.CheckpointManager:
   # Orbax writes into a temporary folder and renames it when complete, so a kill
   # mid-save leaves the previous checkpoint intact.
-  options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True,
-                                         cleanup_tmp_directories=True)
+  # On several processes orbax names its save barriers after the step, so the "best" and
+  # "latest" managers saving the same step at once need distinct barrier prefixes.
+  prefix = "_".join(re.sub(r"\W", "_", part) for part in path.split(os.sep)[-2:])
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=1, create=True, cleanup_tmp_directories=True,
+      multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=prefix))
   return ocp.CheckpointManager(path, options=options)
 
 
@@ -124,10 +129,23 @@ def _save_id(state: TrainState, *, epoch_end: bool) -> int:
   return 2 * int(state.step) + int(epoch_end)
 
 
+def _save(manager: ocp.CheckpointManager, save_id: int, state: TrainState):
+  """Saves `state` as checkpoint `save_id` unless that id is already committed.
+
+  A run killed between the `best` and the `latest` save of an epoch leaves `best`
+  one checkpoint ahead; the resumed run recomputes the same state (ids are a function
+  of the step), so the committed checkpoint is kept instead of failing on it.
+  """
+  if save_id in manager.all_steps():
+    return
+  manager.save(save_id, args=ocp.args.StandardSave(state), force=True)
+
+
 def restore_latest(path: str, target):
   """Restores the newest checkpoint under `path` into the structure/shardings of
   `target`, or returns None when there is none."""
-  if not os.path.isdir(path):
+  # Every process must take the same branch: the manager below synchronises them.
+  if not parallel.agree(os.path.isdir(path)):
     return None
   manager = _manager(path)
   step = manager.latest_step()
@@ -175,6 +193,55 @@ class PreemptionGuard:
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
     self._previous = {}
+
+
+# ----------------------------------------------------------------------------- non-finite
+
+ON_NONFINITE = ("stop", "skip")
+_NO_STEP = np.iinfo(np.int32).max  # "no non-finite step so far"
+
+
+class NonFiniteError(FloatingPointError):
+  """A loss or gradient went NaN/inf and `config.train.on_nonfinite` is "stop"."""
+
+  def __init__(self, *, stage: str, step: int, terms, checkpoint: str):
+    super().__init__(
+        f"[{stage}] non-finite loss or gradient at step {step}: {', '.join(terms)} went NaN/inf "
+        f"(the update was not applied). Last good checkpoint: {checkpoint}. Resuming repeats "
+        "this step (runs are deterministic): fix the data or hyper-parameters, or resume with "
+        "--config.train.on_nonfinite=skip to skip such updates and count them in the log")
+    self.step = step
+    self.terms = tuple(terms)
+    self.checkpoint = checkpoint
+
+
+def _start_accumulator(step_metrics):
+  """Running sums of the step metrics since the epoch began, and the first step whose
+  loss or gradient was non-finite with the metrics that were non-finite in it."""
+  first = step_metrics.pop("nonfinite_step")
+  return {"sums": step_metrics, "first_nonfinite_step": first,
+          "nonfinite_terms": {k: ~jnp.isfinite(v) for k, v in step_metrics.items()}}
+
+
+def _accumulate(accumulator, step_metrics):
+  step = _start_accumulator(step_metrics)
+  earlier = accumulator["first_nonfinite_step"] <= step["first_nonfinite_step"]
+  return {"sums": jax.tree.map(jnp.add, accumulator["sums"], step["sums"]),
+          "first_nonfinite_step": jnp.minimum(accumulator["first_nonfinite_step"],
+                                              step["first_nonfinite_step"]),
+          "nonfinite_terms": jax.tree.map(lambda a, b: jnp.where(earlier, a, b),
+                                          accumulator["nonfinite_terms"],
+                                          step["nonfinite_terms"])}
+
+
+_start_accumulator_jit = jax.jit(_start_accumulator)
+_accumulate_jit = jax.jit(_accumulate)
+
+
+def _nonfinite_terms(terms: Mapping[str, np.ndarray]) -> list[str]:
+  """Names of the non-finite metrics, the loss terms first."""
+  bad = [k for k, v in terms.items() if bool(v) and k != "skipped"]
+  return sorted(bad, key=lambda k: (k in ("loss", "grad_norm"), k))
 
 
 # ----------------------------------------------------------------------------- forward
@@ -226,7 +293,7 @@ class Predictor:
       batch["scenario_modality_mask"] = parallel.shard_batch(modality_mask[rows], self.mesh)
       chunks.append(self._forward(params, method_state, batch, frame_rates, noise_intensity,
                                   jax.random.fold_in(key, i)))
-    outputs = jax.device_get(chunks)
+    outputs = parallel.fetch(chunks)
     return {k: np.concatenate([c[k] for c in outputs])[:batcher.num_rows] for k in outputs[0]}
 
 
@@ -288,7 +355,8 @@ def make_train_step(stage: Stage, tx, train_key, context: StageContext, mesh):
         opt_state=keep(opt_state, state.opt_state),
         method_state=keep(method_state, state.method_state))
     step_metrics = dict(step_metrics, loss=loss, grad_norm=grad_norm,
-                        skipped=1.0 - finite.astype(jnp.float32))
+                        skipped=1.0 - finite.astype(jnp.float32),
+                        nonfinite_step=jnp.where(finite, _NO_STEP, state.step))
     return state, step_metrics
 
   replicated = parallel.replicated(mesh)
@@ -304,13 +372,20 @@ def train_stage(stage: Stage, config, splits, spec, mesh, workdir: str, *,
                 logger: JsonlLogger | None = None):
   """Trains one stage, resuming from `DIR/checkpoints/[stage/]latest` when present.
 
-  Returns (params, method_state) of the best validation epoch.
+  Returns (params, method_state) of the best validation epoch. Raises `Preempted`
+  after a SIGTERM/SIGINT (the state is checkpointed first) and, with
+  `config.train.on_nonfinite = "stop"`, `NonFiniteError` when a loss or gradient
+  went NaN/inf (detected at log steps and epoch ends, without a per-step host sync).
   """
   from mer_jax.losses.task import task_loss
 
   context = context or StageContext()
   logger = logger or JsonlLogger(workdir)
   train_config = config.train
+  on_nonfinite = train_config.get("on_nonfinite", "stop")
+  if on_nonfinite not in ON_NONFINITE:
+    raise ValueError(f"config.train.on_nonfinite must be one of {ON_NONFINITE}, got "
+                     f"{on_nonfinite!r}")
   tag = stage.name or config.method
   batcher = Batcher(splits["train"], train_config.batch_size, mesh,
                     on_device=config.data.on_device)
@@ -339,81 +414,102 @@ def train_stage(stage: Stage, config, splits, spec, mesh, workdir: str, *,
 
   latest = _manager(latest_path)
   best = _manager(best_path)
+
+  def check_finite(accumulator):
+    """Stops the run at the first non-finite step since the epoch began."""
+    if on_nonfinite != "stop":
+      return
+    first, terms = jax.device_get((accumulator["first_nonfinite_step"],
+                                   accumulator["nonfinite_terms"]))
+    if int(first) == _NO_STEP:
+      return
+    latest.wait_until_finished()
+    good = latest.latest_step()
+    checkpoint = (os.path.join(latest_path, str(good)) if good is not None else
+                  f"none yet under {latest_path} (the first epoch had not finished)")
+    logger.write({"event": "nonfinite", "stage": tag, "step": int(first),
+                  "terms": _nonfinite_terms(terms), "checkpoint": checkpoint})
+    raise NonFiniteError(stage=tag, step=int(first), terms=_nonfinite_terms(terms),
+                         checkpoint=checkpoint)
+
   start_epoch = int(state.epoch)
   # A run pre-empted mid-epoch resumes at the next step of that epoch's fixed order.
   skip_steps = int(state.step) - start_epoch * steps_per_epoch
   preemption = PreemptionGuard()
-  for epoch in range(start_epoch, stage.num_epochs):
-    rows = batcher.epoch_rows(config.seed, epoch)[skip_steps:]
-    skip_steps = 0
-    bar = tqdm.tqdm(rows, desc=f"{tag} epoch {epoch + 1}/{stage.num_epochs}",
-                    disable=not train_config.progress or jax.process_index() != 0,
-                    leave=False)
-    started, sums = time.time(), None
-    for step_rows in bar:
-      state, step_metrics = train_step(state, batcher.batch(step_rows))
-      if preemption.requested:
-        latest.save(_save_id(state, epoch_end=False), args=ocp.args.StandardSave(state),
-                    force=True)
-        latest.wait_until_finished()
-        latest.close()
-        best.close()
-        logger.write({"event": "preempted", "stage": tag, "step": int(state.step),
-                      "signal": preemption.signal_name})
-        preemption.restore()
-        raise Preempted(int(state.step), preemption.signal_name)
-      sums = step_metrics if sums is None else jax.tree.map(jnp.add, sums, step_metrics)
-      step = int(state.step)
-      if step % train_config.log_every_steps == 0:
-        host = jax.device_get(step_metrics)
-        rate = (bar.n + 1) * train_config.batch_size / max(time.time() - started, 1e-9)
-        bar.set_postfix(loss=f"{host['loss']:.4f}", samples_per_s=f"{rate:.0f}")
-        logger.write({"stage": tag, "step": step, "epoch": epoch,
-                      **{f"train/{k}": v for k, v in host.items()}})
-    epoch_means = ({k: float(v) / len(rows) for k, v in jax.device_get(sums).items()}
-                   if sums is not None else {"loss": float("nan")})
-    seconds = time.time() - started
+  try:
+    for epoch in range(start_epoch, stage.num_epochs):
+      rows = batcher.epoch_rows(config.seed, epoch)[skip_steps:]
+      skip_steps = 0
+      bar = tqdm.tqdm(rows, desc=f"{tag} epoch {epoch + 1}/{stage.num_epochs}",
+                      disable=not train_config.progress or jax.process_index() != 0,
+                      leave=False)
+      started, accumulator = time.time(), None
+      for step_rows in bar:
+        state, step_metrics = train_step(state, batcher.batch(step_rows))
+        if preemption.requested:
+          _save(latest, _save_id(state, epoch_end=False), state)
+          latest.wait_until_finished()
+          logger.write({"event": "preempted", "stage": tag, "step": int(state.step),
+                        "signal": preemption.signal_name})
+          raise Preempted(int(state.step), preemption.signal_name)
+        accumulator = (_start_accumulator_jit(step_metrics) if accumulator is None
+                       else _accumulate_jit(accumulator, step_metrics))
+        step = int(state.step)
+        if step % train_config.log_every_steps == 0:
+          check_finite(accumulator)
+          host = jax.device_get(step_metrics)
+          host.pop("nonfinite_step")
+          rate = (bar.n + 1) * train_config.batch_size / max(time.time() - started, 1e-9)
+          bar.set_postfix(loss=f"{host['loss']:.4f}", samples_per_s=f"{rate:.0f}")
+          logger.write({"stage": tag, "step": step, "epoch": epoch,
+                        **{f"train/{k}": v for k, v in host.items()}})
+      epoch_means = {"loss": float("nan")}
+      if accumulator is not None:
+        check_finite(accumulator)
+        sums = jax.device_get(accumulator["sums"])
+        epoch_means = {k: float(v) / len(rows) for k, v in sums.items()}
+        epoch_means["skipped_steps"] = int(round(float(sums["skipped"])))
+      seconds = time.time() - started
 
-    if end_epoch is not None:
-      state = state.replace(method_state=end_epoch(state.method_state, jnp.int32(epoch)))
+      if end_epoch is not None:
+        state = state.replace(method_state=end_epoch(state.method_state, jnp.int32(epoch)))
 
-    results = validate(predictor, state.params, state.method_state, splits["valid"], spec,
-                       scenarios=train_config.selection_scenarios, task_loss_fn=loss_of)
-    value = selection_value(results, metric)
-    val_loss = float(np.mean([r["loss"] for r in results.values()]))
-    improved = value > float(state.best_value)
-    if improved:
-      state = state.replace(best_value=jnp.float32(value), best_epoch=jnp.int32(epoch))
-    state = state.replace(epoch=jnp.int32(epoch + 1))
-    # Host-made scalars carry no mesh: lay them out like the step's output so that the
-    # next epoch reuses the compiled step.
-    state = parallel.replicate(state, mesh)
-    record = {"stage": tag, "epoch": epoch + 1, "step": int(state.step),
-              "epoch_seconds": seconds,
-              "samples_per_second": len(rows) * train_config.batch_size / max(seconds, 1e-9),
-              **{f"train/{k}": v for k, v in epoch_means.items()},
-              "val/loss": val_loss, f"val/{metric}": float(np.mean(
-                  [r[metric] for r in results.values()])),
-              **{f"val/{name}/{metric}": r[metric] for name, r in results.items()},
-              "selection": value, "best_epoch": int(state.best_epoch) + 1}
-    logger.write(record)
-    if jax.process_index() == 0 and train_config.progress:
-      tqdm.tqdm.write(f"[{tag}] epoch {epoch + 1}/{stage.num_epochs} "
-                      f"train loss {epoch_means['loss']:.4f} val loss {val_loss:.4f} "
-                      f"val {metric} {record[f'val/{metric}']:.4f}"
-                      + (" *" if improved else ""))
-    if improved:
-      best.save(_save_id(state, epoch_end=True), args=ocp.args.StandardSave(state), force=True)
-    latest.save(_save_id(state, epoch_end=True), args=ocp.args.StandardSave(state), force=True)
-    latest.wait_until_finished()
-    best.wait_until_finished()
-  preemption.restore()
-  if preemption.requested:  # arrived during validation or saving: all is on disk
+      results = validate(predictor, state.params, state.method_state, splits["valid"], spec,
+                         scenarios=train_config.selection_scenarios, task_loss_fn=loss_of)
+      value = selection_value(results, metric)
+      val_loss = float(np.mean([r["loss"] for r in results.values()]))
+      improved = value > float(state.best_value)
+      if improved:
+        state = state.replace(best_value=jnp.float32(value), best_epoch=jnp.int32(epoch))
+      state = state.replace(epoch=jnp.int32(epoch + 1))
+      # Host-made scalars carry no mesh: lay them out like the step's output so that the
+      # next epoch reuses the compiled step.
+      state = parallel.replicate(state, mesh)
+      record = {"stage": tag, "epoch": epoch + 1, "step": int(state.step),
+                "epoch_seconds": seconds,
+                "samples_per_second": len(rows) * train_config.batch_size / max(seconds, 1e-9),
+                **{f"train/{k}": v for k, v in epoch_means.items()},
+                "val/loss": val_loss, f"val/{metric}": float(np.mean(
+                    [r[metric] for r in results.values()])),
+                **{f"val/{name}/{metric}": r[metric] for name, r in results.items()},
+                "selection": value, "best_epoch": int(state.best_epoch) + 1}
+      logger.write(record)
+      if jax.process_index() == 0 and train_config.progress:
+        tqdm.tqdm.write(f"[{tag}] epoch {epoch + 1}/{stage.num_epochs} "
+                        f"train loss {epoch_means['loss']:.4f} val loss {val_loss:.4f} "
+                        f"val {metric} {record[f'val/{metric}']:.4f}"
+                        + (" *" if improved else ""))
+      if improved:
+        _save(best, _save_id(state, epoch_end=True), state)
+      _save(latest, _save_id(state, epoch_end=True), state)
+      latest.wait_until_finished()
+      best.wait_until_finished()
+    if preemption.requested:  # arrived during validation or saving: all is on disk
+      raise Preempted(int(state.step), preemption.signal_name)
+  finally:
+    preemption.restore()
     latest.close()
     best.close()
-    raise Preempted(int(state.step), preemption.signal_name)
-  latest.close()
-  best.close()
   final = restore_latest(best_path, state) or state
   return final.params, final.method_state
 

@@ -6,6 +6,18 @@ import importlib
 
 METHODS = ("dqf", "mcur", "cmad", "cmarr", "ease")
 
+_ALL_TASKS = ("regression", "classification", "multilabel_binary")
+# Tasks each method's loss wiring implements (checked by config_lib.validate_config
+# before anything compiles). Beyond the papers' own tasks, noted per line, the task
+# losses, contrastive categories and anchors are defined for every task layout.
+SUPPORTED_TASKS = {
+    "dqf": _ALL_TASKS,  # paper: MOSI/MOSEI regression, MELD classification
+    "mcur": _ALL_TASKS,  # paper: all three
+    "cmad": _ALL_TASKS,  # paper: regression and IEMOCAP multilabel-binary
+    "cmarr": _ALL_TASKS,  # paper: classification; regression uses sign classes for SupCon
+    "ease": _ALL_TASKS,  # paper: regression; anchors use the class / first present emotion
+}
+
 
 def build_stages(config, spec):
   """Stages of `config.method` for a dataset described by `spec` (see base.Stage)."""
