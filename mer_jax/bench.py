@@ -1,0 +1,133 @@
+r"""Throughput benchmark of a method's compiled train step and evaluation forward.
+
+    python -m mer_jax.bench --config configs/dqf_mosei.py:synthetic --steps 20
+
+Prints one JSON line: compile time, train steps/s and samples/s (median of repeats with
+min/max), evaluation samples/s, parameter count, achieved FLOP/s of the train step
+(XLA's cost analysis) against an fp32 matmul rate measured in the same run, peak device
+memory where the backend reports it, and the device kind and count. For two-stage
+methods the last stage (the student, teacher forward included) is measured.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from mer_jax import parallel
+from mer_jax.data import missing, pipeline
+from mer_jax.methods import build_stages
+from mer_jax.methods.base import StageContext
+from mer_jax.trainer import Predictor, init_train_state, make_optimizer, make_train_step
+
+
+def _timed(fn, repeats: int) -> list[float]:
+  times = []
+  for _ in range(repeats):
+    started = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - started)
+  return times
+
+
+def matmul_flops_per_second(size: int = 1024, repeats: int = 5) -> float:
+  """Measured fp32 matmul rate of the default device (the roofline reference)."""
+  a = jnp.ones((size, size), jnp.float32)
+  matmul = jax.jit(lambda x: x @ x)
+  jax.block_until_ready(matmul(a))
+  return 2 * size**3 / float(np.median(_timed(lambda: matmul(a), repeats)))
+
+
+def _flops(compiled) -> float | None:
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else None
+  return float(analysis["flops"]) if analysis and "flops" in analysis else None
+
+
+def run_benchmark(config, *, steps: int = 10, repeats: int = 3) -> dict:
+  """Measures the last stage of `config.method` on `config.data`; returns the record."""
+  splits, spec = pipeline.load_data(config.data)
+  mesh = parallel.make_mesh(config.num_devices)
+  stages = build_stages(config, spec)
+  batcher = pipeline.Batcher(splits["train"], config.train.batch_size, mesh,
+                             on_device=config.data.on_device)
+  example = {k: v[:2] for k, v in batcher.arrays.items()}
+  key = jax.random.key(config.seed)
+  context = StageContext()
+  for stage in stages[:-1]:  # earlier stages only provide (untrained) frozen params
+    tx = make_optimizer(config.train, 1, 1)
+    earlier = init_train_state(stage, tx, example, key)
+    context = StageContext(frozen=earlier.params, frozen_state=earlier.method_state)
+  stage = stages[-1]
+  tx = make_optimizer(config.train, batcher.steps_per_epoch(), stage.num_epochs)
+  state = parallel.replicate(init_train_state(stage, tx, example, key), mesh)
+  step = make_train_step(stage, tx, key, context, mesh)
+  rows = batcher.epoch_rows(config.seed, 0)
+  batch = batcher.batch(rows[0])
+
+  started = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  compile_seconds = time.perf_counter() - started
+  flops = _flops(compiled)
+
+  def run_steps():
+    nonlocal state
+    for i in range(steps):
+      state, metrics = step(state, batcher.batch(rows[i % len(rows)]))
+    return metrics
+
+  run_steps()  # warm-up
+  step_times = [t / steps for t in _timed(run_steps, repeats)]
+  median = float(np.median(step_times))
+
+  predictor = Predictor(stage, mesh, config.eval.batch_size, on_device=config.data.on_device)
+  split = splits["test"]
+  full = missing.fixed_modality_mask(len(split["label"]), 6)
+  predict = lambda: predictor.predict_split(state.params, state.method_state, split,
+                                            modality_mask=full)["output"]
+  predict()
+  eval_seconds = float(np.median(_timed(predict, repeats)))
+
+  matmul_rate = matmul_flops_per_second()
+  device = jax.devices()[0]
+  memory = device.memory_stats() if hasattr(device, "memory_stats") else None
+  return {
+      "method": config.method, "dataset": config.data.name,
+      "batch_size": config.train.batch_size,
+      "device_kind": device.device_kind, "num_devices": int(mesh.devices.size),
+      "backend": jax.default_backend(),
+      "num_params": int(sum(x.size for x in jax.tree.leaves(state.params))),
+      "compile_seconds": compile_seconds,
+      "train_steps_per_second": 1 / median,
+      "train_steps_per_second_min": 1 / max(step_times),
+      "train_steps_per_second_max": 1 / min(step_times),
+      "train_samples_per_second": config.train.batch_size / median,
+      "eval_samples_per_second": len(split["label"]) / eval_seconds,
+      "train_step_flops": flops,
+      "train_flops_per_second": flops / median if flops else None,
+      "matmul_flops_per_second": matmul_rate,
+      "fraction_of_matmul_rate": flops / median / matmul_rate if flops else None,
+      "peak_memory_bytes": (memory or {}).get("peak_bytes_in_use"),
+  }
+
+
+def main(argv):
+  del argv
+  config = flags.FLAGS.config
+  print(json.dumps(run_benchmark(config, steps=flags.FLAGS.steps,
+                                 repeats=flags.FLAGS.repeats)))
+
+
+if __name__ == "__main__":
+  config_flags.DEFINE_config_file("config", None, "Config file to benchmark.", lock_config=True)
+  flags.DEFINE_integer("steps", 10, "Train steps per timed repeat.")
+  flags.DEFINE_integer("repeats", 3, "Timed repeats (the median is reported).")
+  parallel.enable_compilation_cache()
+  app.run(main)
