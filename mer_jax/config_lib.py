@@ -87,6 +87,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval.frame_sets = COMBINATION_NAMES
   config.eval.noise_intensities = ()
   config.eval.batch_size = 256
+  # Scenarios evaluated together in one compiled call (vmapped); memory grows with it.
+  config.eval.scenarios_per_call = 8
   config.eval.checkpoint = "best"  # best | latest
   config.eval.embeddings = False
   config.eval.split = "test"
@@ -174,7 +176,7 @@ def validate_config(config, spec=None, *, num_train: int | None = None) -> None:
     if rate is not None and not 0.0 <= float(rate) <= 1.0:
       fail(f"{prefix}.missing_rate", "must be in [0, 1]")
   for field in ("num_seeds", "train.num_epochs", "train.log_every_steps", "train.batch_size",
-                "eval.batch_size"):
+                "eval.batch_size", "eval.scenarios_per_call"):
     if int(_get(config, field)) < 1:
       fail(field, "must be >= 1")
   if _get(config, "teacher.num_epochs") is not None and int(config.teacher.num_epochs) < 1:

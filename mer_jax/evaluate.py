@@ -16,6 +16,7 @@ import os
 from collections.abc import Mapping
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags
@@ -48,20 +49,34 @@ def scenario_inputs(scenario, num_rows: int, key):
 
 def run_scenarios(predictor: Predictor, params, method_state, split, spec, eval_config, *,
                   key, keep_embeddings: bool = False):
-  """Metrics per scenario (+ "summary"), and the embeddings when asked."""
+  """Metrics per scenario (+ "summary"), and the embeddings when asked.
+
+  Scenarios run `eval_config.scenarios_per_call` at a time through one compiled,
+  scenario-vmapped forward; the last group is padded with copies of its last scenario
+  so that every call has the same shapes (one compilation).
+  """
   num_rows = len(split["label"])
+  scenarios = missing.eval_scenarios(eval_config)
+  keys = [jax.random.fold_in(key, index) for index in range(len(scenarios))]
+  inputs = [scenario_inputs(s, num_rows, k) for s, k in zip(scenarios, keys, strict=True)]
+  per_call = max(1, min(int(eval_config.get("scenarios_per_call", 8)), len(scenarios)))
   results, embeddings = {}, {}
-  for index, scenario in enumerate(missing.eval_scenarios(eval_config)):
-    scenario_key = jax.random.fold_in(key, index)
-    modality_mask, rates, noise = scenario_inputs(scenario, num_rows, scenario_key)
-    outputs = predictor.predict_split(params, method_state, split, modality_mask=modality_mask,
-                                      frame_rates=rates, noise_intensity=noise,
-                                      key=scenario_key)
-    results[scenario.name] = metrics_lib.compute_metrics(
-        outputs["output"], split["label"], spec.task, label_range=spec.label_range,
-        names=spec.class_names or None)
-    if keep_embeddings:
-      embeddings[scenario.name] = outputs["embedding"]
+  for start in range(0, len(scenarios), per_call):
+    group = list(range(start, min(start + per_call, len(scenarios))))
+    padded = group + [group[-1]] * (per_call - len(group))
+    outputs = predictor.predict_scenarios(
+        params, method_state, split,
+        modality_masks=np.stack([inputs[i][0] for i in padded]),
+        frame_rates=np.stack([inputs[i][1] for i in padded]),
+        noise_intensities=np.asarray([inputs[i][2] for i in padded], np.float32),
+        keys=jnp.stack([keys[i] for i in padded]))
+    for position, index in enumerate(group):
+      name = scenarios[index].name
+      results[name] = metrics_lib.compute_metrics(
+          outputs["output"][position], split["label"], spec.task,
+          label_range=spec.label_range, names=spec.class_names or None)
+      if keep_embeddings:
+        embeddings[name] = outputs["embedding"][position]
   results["summary"] = metrics_lib.summarize(results, spec.task)
   return results, embeddings
 

@@ -248,10 +248,12 @@ def _nonfinite_terms(terms: Mapping[str, np.ndarray]) -> list[str]:
 
 
 class Predictor:
-  """The compiled evaluation forward of a stage under a missing-modality scenario.
+  """The compiled evaluation forward of a stage under missing-modality scenarios.
 
-  One XLA program serves every scenario: the modality mask, the frame-drop rates
-  per modality and the noise intensity are arguments, not constants.
+  One XLA program serves every scenario: the modality mask, the frame-drop rates per
+  modality and the noise intensity are arguments, not constants, and several scenarios
+  run in one call (vmapped over a scenario axis), so a whole protocol costs a few
+  dispatches instead of a Python loop of them.
   """
 
   def __init__(self, stage: Stage, mesh, batch_size: int, *, on_device: bool):
@@ -261,13 +263,22 @@ class Predictor:
     self.on_device = on_device
     self._cached = None
 
-    def forward(params, method_state, batch, frame_rates, noise_intensity, key):
+    def one_scenario(params, method_state, batch, modality_mask, frame_rates, noise_intensity,
+                     key):
       frame_key, noise_key = jax.random.split(key)
-      batch = missing.apply_modality_mask(batch, batch.pop("scenario_modality_mask"))
+      batch = missing.apply_modality_mask(batch, modality_mask)
       batch = missing.apply_frame_masking(frame_key, batch, frame_rates)
       batch = missing.add_noise(noise_key, batch, noise_intensity)
       out = stage.predict(params, method_state, batch)
       return {"output": out["output"], "embedding": out["embedding"]}
+
+    def forward(params, method_state, batch, frame_rates, noise_intensity, keys, batch_index):
+      # The scenario axis of the modality masks sits after the batch axis, so the masks
+      # shard over the mesh like every other batch array.
+      modality_masks = batch.pop("scenario_modality_mask")
+      keys = jax.vmap(lambda k: jax.random.fold_in(k, batch_index))(keys)
+      return jax.vmap(one_scenario, in_axes=(None, None, None, 1, 0, 0, 0), out_axes=1)(
+          params, method_state, batch, modality_masks, frame_rates, noise_intensity, keys)
 
     self._forward = jax.jit(forward)
 
@@ -277,24 +288,49 @@ class Predictor:
       self._cached = (split, Batcher(split, self.batch_size, self.mesh, on_device=self.on_device))
     return self._cached[1]
 
+  def predict_scenarios(self, params, method_state, split: Mapping[str, np.ndarray], *,
+                        modality_masks: np.ndarray, frame_rates, noise_intensities,
+                        keys) -> dict[str, np.ndarray]:
+    """Outputs for every row of `split` under S scenarios at once, on the host.
+
+    Args:
+      modality_masks: (S, N, 3) bool, the available modalities of each row.
+      frame_rates: (S, 3) frame-drop rate per modality.
+      noise_intensities: (S,) Gaussian noise intensity.
+      keys: (S,) PRNG keys; batch i of scenario s uses `fold_in(keys[s], i)`, so a
+        scenario's outputs do not depend on which scenarios share its call.
+
+    Returns:
+      {"output": (S, N, ...), "embedding": (S, N, D)}.
+    """
+    batcher = self._batcher(split)
+    modality_masks = np.asarray(modality_masks, bool)
+    num_scenarios = modality_masks.shape[0]
+    # (S, N, 3) -> (N, S, 3): rows first, so `rows` index the batch axis.
+    modality_masks = np.swapaxes(modality_masks, 0, 1)
+    frame_rates = jnp.asarray(frame_rates, jnp.float32).reshape(num_scenarios, 3)
+    noise_intensities = jnp.asarray(noise_intensities, jnp.float32).reshape(num_scenarios)
+    chunks = []
+    for i, rows in enumerate(batcher.ordered_rows()):
+      batch = batcher.batch(rows)
+      batch.pop("index")
+      batch["scenario_modality_mask"] = parallel.shard_batch(modality_masks[rows], self.mesh)
+      chunks.append(self._forward(params, method_state, batch, frame_rates, noise_intensities,
+                                  keys, jnp.int32(i)))
+    outputs = parallel.fetch(chunks)
+    return {k: np.swapaxes(np.concatenate([c[k] for c in outputs])[:batcher.num_rows], 0, 1)
+            for k in outputs[0]}
+
   def predict_split(self, params, method_state, split: Mapping[str, np.ndarray], *,
                     modality_mask: np.ndarray, frame_rates=(0.0, 0.0, 0.0),
                     noise_intensity: float = 0.0, key=None) -> dict[str, np.ndarray]:
     """Outputs for every row of `split` under one scenario, on the host."""
     key = jax.random.key(0) if key is None else key
-    batcher = self._batcher(split)
-    modality_mask = np.asarray(modality_mask, bool)
-    frame_rates = jnp.asarray(frame_rates, jnp.float32)
-    noise_intensity = jnp.asarray(noise_intensity, jnp.float32)
-    chunks = []
-    for i, rows in enumerate(batcher.ordered_rows()):
-      batch = batcher.batch(rows)
-      batch.pop("index")
-      batch["scenario_modality_mask"] = parallel.shard_batch(modality_mask[rows], self.mesh)
-      chunks.append(self._forward(params, method_state, batch, frame_rates, noise_intensity,
-                                  jax.random.fold_in(key, i)))
-    outputs = parallel.fetch(chunks)
-    return {k: np.concatenate([c[k] for c in outputs])[:batcher.num_rows] for k in outputs[0]}
+    outputs = self.predict_scenarios(
+        params, method_state, split, modality_masks=np.asarray(modality_mask, bool)[None],
+        frame_rates=np.asarray(frame_rates, np.float32)[None],
+        noise_intensities=np.asarray([noise_intensity], np.float32), keys=key[None])
+    return {k: v[0] for k, v in outputs.items()}
 
 
 def selection_value(results: Mapping[str, Mapping[str, float]], metric: str) -> float:
@@ -307,16 +343,19 @@ def validate(predictor: Predictor, params, method_state, split, spec, *, scenari
              task_loss_fn) -> dict[str, dict[str, float]]:
   """Metrics and mean task loss on the validation split, per fixed combination
   (`scenarios="fixed"`) or on full modalities only (`"full"`)."""
-  combos = range(7) if scenarios == "fixed" else [6]
-  results = {}
+  combos = list(range(7)) if scenarios == "fixed" else [6]
   num_rows = len(split["label"])
-  for combo in combos:
-    outputs = predictor.predict_split(
-        params, method_state, split,
-        modality_mask=missing.fixed_modality_mask(num_rows, combo))
-    result = metrics_lib.compute_metrics(outputs["output"], split["label"], spec.task,
+  outputs = predictor.predict_scenarios(
+      params, method_state, split,
+      modality_masks=np.stack([missing.fixed_modality_mask(num_rows, c) for c in combos]),
+      frame_rates=np.zeros((len(combos), 3), np.float32),
+      noise_intensities=np.zeros(len(combos), np.float32),
+      keys=jax.random.split(jax.random.key(0), len(combos)))["output"]
+  results = {}
+  for index, combo in enumerate(combos):
+    result = metrics_lib.compute_metrics(outputs[index], split["label"], spec.task,
                                          label_range=spec.label_range)
-    result["loss"] = float(np.mean(task_loss_fn(outputs["output"], split["label"])))
+    result["loss"] = float(np.mean(task_loss_fn(outputs[index], split["label"])))
     results[missing.COMBINATION_NAMES[combo]] = result
   return results
 
