@@ -7,6 +7,11 @@ min/max), evaluation samples/s, parameter count, achieved FLOP/s of the train st
 (XLA's cost analysis) against an fp32 matmul rate measured in the same run, peak device
 memory where the backend reports it, and the device kind and count. For two-stage
 methods the last stage (the student, teacher forward included) is measured.
+
+Ratios measured in the same run: `eval_batched_speedup`, the 7 fixed combinations
+evaluated one compiled call per scenario against all in one vmapped call, and
+`input_wait_fraction`, the on-device batch gather timed alone over the train step (an
+upper bound on the wait: the gather is dispatched asynchronously ahead of the step).
 """
 
 from __future__ import annotations
@@ -16,11 +21,12 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from mer_jax import parallel
+from mer_jax import evaluate, parallel
 from mer_jax.data import missing, pipeline
 from mer_jax.methods import build_stages
 from mer_jax.methods.base import StageContext
@@ -87,6 +93,14 @@ def run_benchmark(config, *, steps: int = 10, repeats: int = 3) -> dict:
   step_times = [t / steps for t in _timed(run_steps, repeats)]
   median = float(np.median(step_times))
 
+  # Input wait: the on-device gather of a batch, timed alone, against the step.
+  def gather_batches():
+    for i in range(steps):
+      jax.block_until_ready(batcher.batch(rows[i % len(rows)]))
+
+  gather_batches()
+  input_seconds = float(np.median(_timed(gather_batches, repeats))) / steps
+
   predictor = Predictor(stage, mesh, config.eval.batch_size, on_device=config.data.on_device)
   split = splits["test"]
   full = missing.fixed_modality_mask(len(split["label"]), 6)
@@ -94,6 +108,18 @@ def run_benchmark(config, *, steps: int = 10, repeats: int = 3) -> dict:
                                             modality_mask=full)["output"]
   predict()
   eval_seconds = float(np.median(_timed(predict, repeats)))
+
+  # The 7 fixed combinations: one call per scenario (the loop the PyTorch repositories
+  # run) against all of them in one vmapped call, both compiled before timing.
+  protocol = ml_collections.ConfigDict(dict(config.eval))
+  protocol.update(fixed=True, missing_rates=(), frame_rates=(), noise_intensities=())
+  scenario_seconds = {}
+  for per_call in (1, 7):
+    protocol.scenarios_per_call = per_call
+    scenarios = lambda: evaluate.run_scenarios(predictor, state.params, state.method_state,
+                                               split, spec, protocol, key=key)
+    scenarios()
+    scenario_seconds[per_call] = float(np.median(_timed(scenarios, repeats)))
 
   matmul_rate = matmul_flops_per_second()
   device = jax.devices()[0]
@@ -110,6 +136,10 @@ def run_benchmark(config, *, steps: int = 10, repeats: int = 3) -> dict:
       "train_steps_per_second_max": 1 / min(step_times),
       "train_samples_per_second": config.train.batch_size / median,
       "eval_samples_per_second": len(split["label"]) / eval_seconds,
+      "eval_fixed_scenarios_seconds_loop": scenario_seconds[1],
+      "eval_fixed_scenarios_seconds_batched": scenario_seconds[7],
+      "eval_batched_speedup": scenario_seconds[1] / scenario_seconds[7],
+      "input_wait_fraction": input_seconds / median,
       "train_step_flops": flops,
       "train_flops_per_second": flops / median if flops else None,
       "matmul_flops_per_second": matmul_rate,

@@ -1,27 +1,36 @@
-"""The benchmark runs a few steps and reports every field with sane values."""
+"""The benchmark runs a few steps of every method and reports every field with sane
+values."""
 
 import importlib.util
 import math
 import os
 
+import pytest
 from conftest import REPO
 
 from mer_jax.bench import run_benchmark
 
 
-def test_benchmark_reports_every_field():
-  spec = importlib.util.spec_from_file_location(
-      "cfg", os.path.join(REPO, "configs", "dqf_mosei.py"))
+@pytest.mark.parametrize("config_file", ["dqf_mosei.py", "mcur_mosei.py", "cmad_mosei.py",
+                                         "cmarr_iemocap.py", "ease_mosei.py"])
+def test_benchmark_reports_every_field(config_file):
+  spec = importlib.util.spec_from_file_location("cfg", os.path.join(REPO, "configs", config_file))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config("tiny")
   record = run_benchmark(config, steps=2, repeats=2)
   for name in ("compile_seconds", "train_steps_per_second", "train_samples_per_second",
                "eval_samples_per_second", "matmul_flops_per_second", "train_step_flops",
-               "train_flops_per_second", "fraction_of_matmul_rate"):
+               "train_flops_per_second", "fraction_of_matmul_rate",
+               "eval_fixed_scenarios_seconds_loop", "eval_fixed_scenarios_seconds_batched",
+               "eval_batched_speedup", "input_wait_fraction"):
     assert math.isfinite(record[name]) and record[name] > 0, name
   assert record["train_steps_per_second_min"] <= record["train_steps_per_second"]
   assert record["train_steps_per_second"] <= record["train_steps_per_second_max"]
-  assert record["train_samples_per_second"] == record["train_steps_per_second"] * 16
+  assert math.isclose(record["train_samples_per_second"],
+                      record["train_steps_per_second"] * config.train.batch_size)
+  assert math.isclose(record["eval_batched_speedup"],
+                      record["eval_fixed_scenarios_seconds_loop"]
+                      / record["eval_fixed_scenarios_seconds_batched"])
   assert record["num_params"] > 1000 and record["num_devices"] == 4
-  assert record["method"] == "dqf" and record["backend"] == "cpu"
+  assert record["method"] == config.method and record["backend"] == "cpu"
