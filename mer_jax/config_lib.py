@@ -94,6 +94,14 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval.split = "test"
 
   config.model = ml_collections.ConfigDict()
+  # Text branch: "features" reads the data's text features; "bert" fine-tunes a BERT
+  # (nn/bert.py) on the token ids the data carry (MMSA `text_bert`), loaded from a local
+  # Hugging Face folder (config.json + model.safetensors); see docs/bert.md.
+  config.model.text_encoder = "features"
+  config.model.text_encoder_path = ""
+  config.model.text_encoder_remat = False  # recompute BERT layers in the backward pass
+  # The encoder's own peak learning rate (same schedule); 0 = config.train.learning_rate.
+  config.train.text_encoder_learning_rate = 0.0
   config.loss = ml_collections.ConfigDict()
   return config
 
@@ -125,7 +133,10 @@ _CHOICES = {
     "train.selection_scenarios": ("fixed", "full"),
     "eval.checkpoint": ("best", "latest"),
     "missing.fill": ("zero", "normal"),
+    "model.text_encoder": ("features", "bert"),
 }
+# Sources whose splits carry token ids (`text_ids`, `text_segments`) for a text encoder.
+TOKEN_ID_SOURCES = ("mmsa",)
 
 
 def _get(config, name: str):
@@ -181,6 +192,15 @@ def validate_config(config, spec=None, *, num_train: int | None = None) -> None:
       fail(field, "must be >= 1")
   if _get(config, "teacher.num_epochs") is not None and int(config.teacher.num_epochs) < 1:
     fail("teacher.num_epochs", "must be >= 1")
+  if _get(config, "model.text_encoder") == "bert":
+    if not _get(config, "model.text_encoder_path"):
+      fail("model.text_encoder_path", "must name a local BERT folder (config.json + "
+           "model.safetensors) when config.model.text_encoder='bert'; see docs/bert.md")
+    if config.data.source not in TOKEN_ID_SOURCES:
+      fail("data.source", f"gives no token ids; config.model.text_encoder='bert' reads the "
+           f"ids of {TOKEN_ID_SOURCES} data (MMSA text_bert)")
+  if float(_get(config, "train.text_encoder_learning_rate") or 0.0) < 0:
+    fail("train.text_encoder_learning_rate", "must be >= 0 (0 = config.train.learning_rate)")
 
   visible = jax.device_count()
   if config.num_devices < 0 or config.num_devices > visible:

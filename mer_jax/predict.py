@@ -5,7 +5,9 @@ r"""Predictions, with uncertainty, for inputs with any modality or frames absent
 The input is the bring-your-own npz layout (docs/data.md): `text`, `audio`, `vision`
 arrays (N, T, D) of the widths the model was trained on — any of them may be absent
 (the modality is then treated as missing) — optional `<modality>_lengths` (N,) or
-`<modality>_mask` (N, T) for missing/padded frames, and optional `id` (N,).
+`<modality>_mask` (N, T) for missing/padded frames, and optional `id` (N,). A run that
+fine-tuned BERT (`config.model.text_encoder = "bert"`) reads the text as token ids
+instead: `text_ids` (N, T) int, 0-padded, and optional `text_segments` (N, T).
 
 A sample that cannot be predicted (NaN/inf in its real frames, no modality with a real
 frame, a length out of range) gets an `error` field instead of a prediction; problems
@@ -29,6 +31,7 @@ from mer_jax.data.spec import MODALITIES, DataSpec
 from mer_jax.evaluate import load_run_config
 from mer_jax.losses.task import predicted_probabilities, predictive_entropy
 from mer_jax.methods import build_stages
+from mer_jax.methods.text_encoder import TOKEN_KEYS, TextEncoderModel
 from mer_jax.trainer import Predictor, load_stage_params
 
 
@@ -95,12 +98,43 @@ def _frame_mask(arrays, name: str, x: np.ndarray, source: str):
   return np.ones((num, frames), bool), problems
 
 
-def prepare_inputs(arrays: Mapping[str, np.ndarray], spec: DataSpec, *, source: str = "input"):
+def _token_inputs(arrays, spec: DataSpec, source: str):
+  """Text given as BERT token ids (runs with `config.model.text_encoder = "bert"`):
+  (placeholder features (N, T, 1), frame mask, ids, segments), cut or padded to the
+  trained length; real tokens are the non-zero ids ([PAD] = 0)."""
+  length = spec.lengths[0]
+  out = []
+  for key in ("text_ids", "text_segments"):
+    if key not in arrays:
+      out.append(None)
+      continue
+    x = np.asarray(arrays[key])
+    if x.ndim != 2 or not np.issubdtype(x.dtype, np.integer) or (x < 0).any():
+      raise ValueError(f"{source}: key {key!r} must be non-negative integers of shape (N, T); "
+                       f"got shape {x.shape}, dtype {x.dtype}")
+    padded = np.zeros((x.shape[0], length), np.int32)
+    keep = min(length, x.shape[1])
+    padded[:, :keep] = x[:, :keep]
+    out.append(padded)
+  ids, segments = out
+  if segments is None:
+    segments = np.zeros_like(ids)
+  elif segments.shape != ids.shape:
+    raise ValueError(f"{source}: key 'text_segments' has {segments.shape[0]} rows; 'text_ids' "
+                     f"has {ids.shape[0]}")
+  mask = ids != 0
+  return np.zeros(ids.shape + (1,), np.float32), mask, ids, np.where(mask, segments, 0)
+
+
+def prepare_inputs(arrays: Mapping[str, np.ndarray], spec: DataSpec, *, source: str = "input",
+                   text_tokens: bool = False):
   """Bring-your-own arrays -> the model's batch layout, with per-sample errors.
 
   Absent modalities become zeros flagged missing; sequences are padded or cut to the
   trained length; `<modality>_lengths` / `<modality>_mask` mark missing frames and an
-  optional `modality_mask` (N, 3) marks absent modalities.
+  optional `modality_mask` (N, 3) marks absent modalities. With `text_tokens` (a run
+  that fine-tunes BERT) the text is `text_ids` (N, T) int, 0-padded, and optional
+  `text_segments`, instead of `text` features.
 
   Returns:
     (batch, modality_mask (N, 3) bool, errors): `errors[i]` is None, or why sample i
@@ -112,11 +146,22 @@ def prepare_inputs(arrays: Mapping[str, np.ndarray], spec: DataSpec, *, source: 
     ValueError: a problem of the whole input, naming the key and the expected form:
       unknown keys, no modality key, wrong rank, width, dtype or sample count.
   """
-  unknown = sorted(set(arrays) - set(_input_keys()))
+  allowed = set(_input_keys())
+  if text_tokens:
+    if "text" in arrays:
+      raise ValueError(f"{source}: this run fine-tunes BERT on token ids: give 'text_ids' "
+                       f"(N, T) (and optionally 'text_segments'), not 'text' features")
+    allowed = (allowed - {"text", "text_mask", "text_lengths"}) | set(TOKEN_KEYS)
+  unknown = sorted(set(arrays) - allowed)
   if unknown:
-    raise ValueError(f"{source}: unknown keys {unknown}; expected any of {MODALITIES}, "
-                     f"<modality>_lengths, <modality>_mask, modality_mask, id")
+    raise ValueError(f"{source}: unknown keys {unknown}; expected any of "
+                     f"{sorted(k for k in allowed if k not in IGNORED_KEYS)}, id")
+  if not text_tokens and "text_ids" in arrays:
+    raise ValueError(f"{source}: key 'text_ids' is for runs that fine-tune BERT; this run reads "
+                     "'text' features")
   present = [m for m in MODALITIES if m in arrays]
+  if text_tokens and "text_ids" in arrays:
+    present = ["text_ids", *present]
   if not present:
     raise ValueError(f"{source}: none of the keys {MODALITIES} is present; found "
                      f"{sorted(arrays)}")
@@ -127,7 +172,18 @@ def prepare_inputs(arrays: Mapping[str, np.ndarray], spec: DataSpec, *, source: 
     length, width = spec.lengths[index], spec.dims[index]
     features = np.zeros((num, length, width), np.float32)
     frame_mask = np.zeros((num, length), bool)
-    if name in arrays:
+    if name == "text" and text_tokens:
+      ids = np.zeros((num, length), np.int32)
+      batch["text_ids"], batch["text_segments"] = ids, ids
+      features = np.zeros((num, length, 1), np.float32)
+      if "text_ids" in arrays:
+        features, frame_mask, batch["text_ids"], batch["text_segments"] = _token_inputs(
+            arrays, spec, source)
+        if features.shape[0] != num:
+          raise ValueError(f"{source}: key 'text_ids' has {features.shape[0]} rows; expected "
+                           f"{num}")
+        modality_mask[:, index] = frame_mask.any(axis=1)
+    elif name in arrays:
       x = _real_array(arrays, name, source)
       if x.ndim == 2:  # utterance-level features: one frame
         x = x[:, None, :]
@@ -165,6 +221,8 @@ def prepare_inputs(arrays: Mapping[str, np.ndarray], spec: DataSpec, *, source: 
     # An invalid sample enters the forward pass as all-absent zeros.
     batch[name][invalid] = 0.0
     batch[f"{name}_mask"][invalid] = False
+  if text_tokens:
+    batch["text_ids"] = np.where(invalid[:, None], 0, batch["text_ids"])
   batch["label"] = np.zeros((num,) + ((spec.num_classes,) if spec.task == "multilabel_binary"
                                       else ()), np.float32 if spec.task == "regression"
                             else np.int32)
@@ -179,16 +237,24 @@ class Model:
     self.spec = spec_from_config(self.config)
     self.stage = build_stages(self.config, self.spec)[-1]
     self.mesh = parallel.make_mesh(1)
-    example, _, _ = prepare_inputs({"text": np.zeros((2, 1, self.spec.dims[0]), np.float32)},
-                                self.spec)
+    example, _, _ = prepare_inputs(
+        {"text_ids": np.ones((2, 1), np.int32)} if self.text_tokens
+        else {"text": np.zeros((2, 1, self.spec.dims[0]), np.float32)},
+        self.spec, text_tokens=self.text_tokens)
     self.params, self.method_state, _ = load_stage_params(workdir, self.stage, example,
                                                           checkpoint=checkpoint)
     self.predictor = Predictor(self.stage, self.mesh, 32, on_device=False)
 
+  @property
+  def text_tokens(self) -> bool:
+    """Whether the run fine-tuned BERT, so that its text input is token ids."""
+    return isinstance(self.stage.model, TextEncoderModel)
+
   def __call__(self, arrays: Mapping[str, np.ndarray], *, source: str = "input") -> list[dict]:
     """One record per sample: the prediction and its uncertainty, or an `error` field
     (and no prediction) for a sample that cannot be predicted (see `prepare_inputs`)."""
-    batch, modality_mask, errors = prepare_inputs(arrays, self.spec, source=source)
+    batch, modality_mask, errors = prepare_inputs(arrays, self.spec, source=source,
+                                                  text_tokens=self.text_tokens)
     if not errors:
       return []
     outputs = self.predictor.predict_split(

@@ -48,37 +48,53 @@ class TrainState(flax.struct.PyTreeNode):
 
 
 def make_optimizer(train_config, steps_per_epoch: int, num_epochs: int):
-  """optax optimiser from `config.train` (optimizer, schedule, warmup, clipping)."""
+  """optax optimiser from `config.train` (optimizer, schedule, warmup, clipping).
+
+  With `text_encoder_learning_rate` > 0 the `text_encoder` subtree of the params (a BERT
+  text branch, `methods.text_encoder`) gets the same optimiser and schedule shape at that
+  peak rate (`optax.multi_transform`); clipping stays global over all params.
+  """
   total_steps = max(1, steps_per_epoch * num_epochs)
   warmup_steps = int(train_config.warmup_epochs * steps_per_epoch)
-  peak = train_config.learning_rate
-  if train_config.schedule == "constant":
-    schedule = optax.constant_schedule(peak)
-    if warmup_steps:
-      schedule = optax.join_schedules(
-          [optax.linear_schedule(0.0, peak, warmup_steps), schedule], [warmup_steps])
-  elif train_config.schedule == "cosine":
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0 if warmup_steps else peak, peak, max(warmup_steps, 1), total_steps, peak * 0.01)
-  elif train_config.schedule == "linear":
-    schedule = optax.join_schedules([
-        optax.linear_schedule(0.0, peak, max(warmup_steps, 1)),
-        optax.linear_schedule(peak, 0.0, max(total_steps - warmup_steps, 1))],
-        [max(warmup_steps, 1)])
-  else:
+
+  def make_schedule(peak):
+    if train_config.schedule == "constant":
+      schedule = optax.constant_schedule(peak)
+      if warmup_steps:
+        schedule = optax.join_schedules(
+            [optax.linear_schedule(0.0, peak, warmup_steps), schedule], [warmup_steps])
+      return schedule
+    if train_config.schedule == "cosine":
+      return optax.warmup_cosine_decay_schedule(
+          0.0 if warmup_steps else peak, peak, max(warmup_steps, 1), total_steps, peak * 0.01)
+    if train_config.schedule == "linear":
+      return optax.join_schedules([
+          optax.linear_schedule(0.0, peak, max(warmup_steps, 1)),
+          optax.linear_schedule(peak, 0.0, max(total_steps - warmup_steps, 1))],
+          [max(warmup_steps, 1)])
     raise ValueError("config.train.schedule must be constant, cosine or linear, got "
                      f"{train_config.schedule!r}")
 
-  name = train_config.optimizer
-  if name == "adamw":
-    tx = optax.adamw(schedule, weight_decay=train_config.weight_decay)
-  elif name == "adam":
-    tx = optax.adam(schedule)
-  elif name == "sgd":
-    tx = optax.chain(optax.add_decayed_weights(train_config.weight_decay),
-                     optax.sgd(schedule, momentum=train_config.momentum))
-  else:
+  def make_tx(peak):
+    schedule = make_schedule(peak)
+    name = train_config.optimizer
+    if name == "adamw":
+      return optax.adamw(schedule, weight_decay=train_config.weight_decay)
+    if name == "adam":
+      return optax.adam(schedule)
+    if name == "sgd":
+      return optax.chain(optax.add_decayed_weights(train_config.weight_decay),
+                         optax.sgd(schedule, momentum=train_config.momentum))
     raise ValueError(f"config.train.optimizer must be adamw, adam or sgd, got {name!r}")
+
+  tx = make_tx(train_config.learning_rate)
+  encoder_rate = float(train_config.get("text_encoder_learning_rate", 0.0) or 0.0)
+  if encoder_rate:
+    def labels(params):
+      return {k: jax.tree.map(lambda _, k=k: "text_encoder" if k == "text_encoder" else "rest",
+                              v) for k, v in params.items()}
+
+    tx = optax.multi_transform({"text_encoder": make_tx(encoder_rate), "rest": tx}, labels)
   if train_config.grad_clip:
     tx = optax.chain(optax.clip_by_global_norm(train_config.grad_clip), tx)
   return tx

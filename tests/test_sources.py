@@ -264,8 +264,12 @@ def test_mmsa_unaligned_arrays_masks_and_inf(tmp_path):
   for split, part in data.items():
     got = splits[split]
     num = len(part["regression_labels"])
-    assert set(got) == {*MODALITIES, "text_mask", "audio_mask", "vision_mask", "label", "id"}
+    assert set(got) == {*MODALITIES, "text_mask", "audio_mask", "vision_mask", "label", "id",
+                        "text_ids", "text_segments"}
     text_mask = part["text_bert"][:, 1] > 0
+    for key, row in (("text_ids", 0), ("text_segments", 2)):
+      assert got[key].dtype == np.int32
+      np.testing.assert_array_equal(got[key], np.where(text_mask, part["text_bert"][:, row], 0))
     audio_mask = prefix_mask(part["audio_lengths"], 10)
     vision_mask = prefix_mask(part["vision_lengths"], 7)
     audio = np.where(np.isneginf(part["audio"]), 0.0, part["audio"])

@@ -20,8 +20,16 @@ SUPPORTED_TASKS = {
 
 
 def build_stages(config, spec):
-  """Stages of `config.method` for a dataset described by `spec` (see base.Stage)."""
+  """Stages of `config.method` for a dataset described by `spec` (see base.Stage).
+
+  With `config.model.text_encoder = "bert"` every stage gets a fine-tuned BERT text
+  branch (`methods.text_encoder`): the method is built for text of the encoder's width.
+  """
   if config.method not in METHODS:
     raise ValueError(f"config.method must be one of {METHODS}, got {config.method!r}")
   module = importlib.import_module(f"mer_jax.methods.{config.method}")
+  from mer_jax.methods import text_encoder
+
+  if text_encoder.uses_text_encoder(config):
+    return text_encoder.build_with_text_encoder(module.build, config, spec)
   return module.build(config, spec)

@@ -31,6 +31,7 @@ from mer_jax.losses.distillation import sugr
 from mer_jax.losses.task import task_loss
 from mer_jax.losses.uncertainty import vib_kl
 from mer_jax.methods.base import Stage
+from mer_jax.methods.text_encoder import teacher_inputs
 from mer_jax.nn.fusion import PerceiverFusion, perceiver_fusion_from_config
 from mer_jax.nn.gaussian import VIB
 from mer_jax.nn.heads import OutputHead
@@ -238,7 +239,8 @@ def build(config, spec: DataSpec) -> list[Stage]:
   def student_loss_fn(params, method_state, batch, key, context):
     missing_key, dropout_key, contrastive_key = jax.random.split(key, 3)
     # The frozen teacher sees the clean full-modality batch, deterministically.
-    teacher_out = teacher_model.apply({"params": context.frozen}, batch, train=False)
+    teacher_out = teacher_model.apply({"params": context.frozen}, teacher_inputs(batch),
+                                      train=False)
     student_batch, combination_ids = missing.apply_training_protocol(
         missing_key, batch, student_missing)
     student_out = student_model.apply({"params": params}, student_batch, train=True,

@@ -12,7 +12,9 @@ other non-finite value.
 
 Masks: text from the attention mask of `text_bert` (all frames when absent); audio and
 vision from their lengths, or, in aligned files without lengths, the text mask (the
-frames are aligned to the words).
+frames are aligned to the words). With `text_bert` the splits also carry `text_ids` and
+`text_segments` int32 (N, T) (padding 0), which a fine-tuned text encoder reads
+(`config.model.text_encoder = "bert"`).
 
 Pickles execute code when loaded: read only files from a source you trust (the MMSA
 release or your own extraction).
@@ -43,6 +45,7 @@ RELEASED_DIMS = {"mosi": (768, 5, 20), "mosei": (768, 74, 35), "sims": (768, 33,
 CLASS_NAMES = ("negative", "neutral", "positive")  # MMSA classification_labels
 UNIMODAL_KEYS = ("regression_labels_T", "regression_labels_A", "regression_labels_V")
 SPLIT_KEYS = {"train": "train", "valid": "valid", "test": "test"}
+READER_LAYOUT = "ids1"  # bump when the arrays this reader produces change
 
 MANUAL_DOWNLOAD_INSTRUCTIONS = """\
 MMSA features (read-only; nothing is written into this folder).
@@ -129,6 +132,21 @@ def zero_negative_infinity(x: np.ndarray, *, source: str, key: str) -> np.ndarra
   return x
 
 
+def token_ids(text_bert: np.ndarray, text_mask: np.ndarray, *, source: str):
+  """(text_ids, text_segments) int32 (N, T) of `text_bert`, padding set to 0 ([PAD] in the
+  BERT vocabularies the MMSA files were tokenised with), for `config.model.text_encoder`."""
+  out = []
+  for row, name in ((0, "token ids"), (2, "segment ids")):
+    values = np.asarray(text_bert[:, row, :], np.float64)
+    values = np.where(text_mask, values, 0.0)
+    if not np.isfinite(values).all() or (values < 0).any() or (values != np.rint(values)).any() \
+        or (values > np.iinfo(np.int32).max).any():
+      raise validation.DataError(f"{source}: key 'text_bert'[:, {row}] ({name}) must hold "
+                                 f"non-negative integers on real tokens")
+    out.append(values.astype(np.int32))
+  return tuple(out)
+
+
 def read_split(part: dict, *, split_name: str, source: str, dataset: str,
                task: str) -> dict[str, np.ndarray]:
   label_key = "regression_labels" if task == "regression" else "classification_labels"
@@ -147,6 +165,7 @@ def read_split(part: dict, *, split_name: str, source: str, dataset: str,
     else:
       raise validation.DataError(f"{source}: key 'text_bert' has shape {bert.shape}; expected "
                                  f"({num}, 3, {text.shape[1]}) (ids, attention mask, segments)")
+    split["text_ids"], split["text_segments"] = token_ids(bert, text_mask, source=source)
   split["text"], split["text_mask"] = text, text_mask
   for name in ("audio", "vision"):
     raw = require(part, name, source, f"({num}, T, D) features")
@@ -191,6 +210,15 @@ def read(config: files.FileSourceConfig) -> tuple[dict[str, dict[str, np.ndarray
     for split in splits.values():
       split.pop("unimodal_labels", None)
   splits, dims, lengths = files.pad_splits(splits, source=path)
+  for split in splits.values():
+    for key in ("text_ids", "text_segments"):
+      if key in split:  # padded like the text frames: 0 ([PAD], segment 0)
+        split[key] = np.pad(split[key], ((0, 0), (0, lengths[0] - split[key].shape[1])))
+  if len({"text_ids" in split for split in splits.values()}) > 1:
+    log.warning("%s: text_bert (token ids) is not in every split; not kept", path)
+    for split in splits.values():
+      split.pop("text_ids", None)
+      split.pop("text_segments", None)
   if dims != RELEASED_DIMS[config.dataset]:
     log.warning("%s: feature widths (L, A, V) = %s differ from the released %s features %s",
                 path, dims, config.dataset, RELEASED_DIMS[config.dataset])
@@ -224,8 +252,10 @@ def make_config(data_config) -> files.FileSourceConfig:
                      f"(sentiment) or classification (negative/neutral/positive) labels")
   files.check_single_fold(data_config, "mmsa")
   path = resolve_path(data_config.dir, dataset, DEFAULT_FILES, MANUAL_DOWNLOAD_INSTRUCTIONS)
+  # The reader's layout version joins the file fingerprint, so that copies prepared by an
+  # older reader (without text_ids) are prepared again.
   return files.make_config(dataset=dataset, source_path=path, task=data_config.task,
-                           fingerprint_digest=files.fingerprint([path]),
+                           fingerprint_digest=f"{files.fingerprint([path])}-{READER_LAYOUT}",
                            description=f"MMSA {dataset} from {os.path.basename(path)}")
 
 

@@ -1,0 +1,240 @@
+"""A fine-tuned BERT text branch for every method (`config.model.text_encoder = "bert"`).
+
+`with_text_encoder(stage, ...)` turns any method's `Stage` into one whose params are
+`{"text_encoder": BERT params, "method": the method's params}` and whose text features
+are BERT's hidden states (B, T, H) of the token ids the data carry (`text_ids`,
+`text_segments`; MMSA `text_bert`). No method file has a BERT branch: the method's
+network sees `text` of width H (its text Conv1D input width follows the encoder).
+
+When the encoder runs. Text is encoded *after* the missing-modality protocol, inside
+the method's forward, so that a dropped word is hidden from BERT itself (encoding first
+and masking the hidden states would leak the dropped words into their neighbours'
+contextual states). The protocols are unchanged: they flag dropped tokens in
+`text_mask`; the encoder then reads, per LNLN (the EASE protocol):
+
+  input ids   = the tokens, with every real token that the protocol dropped replaced by
+                [UNK], except [CLS] and [SEP], which are always kept;
+  attention   = the original attention mask (real tokens, [UNK]s included);
+  text        = hidden states on the positions `text_mask` keeps, zeros elsewhere (the
+                framework's convention for missing frames: dropped or absent positions
+                are flagged in the mask and zero).
+
+The original attention mask is `text_ids != [PAD]` (the MMSA reader pads ids with 0), so
+the protocols, which only touch the modality arrays and masks, need no change. For the
+deterministic forward (`Stage.predict`, used by validation, evaluation and prediction)
+the stage's model is `TextEncoderModel`, which encodes and then calls the method's
+network. In training, the method's loss applies its own network to the batches its
+protocol made; the wrapper's loss runs it under a flax method interceptor that encodes
+any batch given to a module method that still carries `text_ids` (the encoded batch has
+none, so nested calls pass through). The encoder's dropout draws from the
+module's own "dropout" stream.
+
+Teachers (MCUR, CMAD students). The frozen teacher runs on the clean batch: the wrapper
+encodes it once with the teacher's frozen encoder into `teacher_text`, and the method
+reads `teacher_inputs(batch)` for the teacher forward.
+
+Initial weights come from `config.model.text_encoder_path` (a local Hugging Face
+folder), read by a host callback when the params are initialised: never embedded in the
+compiled program, and not read by shape-only initialisations (restoring a checkpoint).
+The folder is checked (config, every tensor name and shape, from the headers) when the
+stages are built, so a wrong folder fails before anything compiles.
+
+Noise (`missing.kind = "noise"`, eval `noise_intensities`) perturbs feature arrays; the
+text branch encodes ids, so noise reaches audio and vision only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mer_jax.data.spec import DataSpec
+from mer_jax.methods.base import Stage, StageContext
+from mer_jax.nn import bert
+
+TEXT_ENCODERS = ("features", "bert")
+TOKEN_KEYS = ("text_ids", "text_segments")
+TEACHER_TEXT = "teacher_text"
+
+
+def masked_token_ids(text_ids, text_mask, tokens: bert.SpecialTokens):
+  """BERT inputs after a missing protocol, as LNLN builds them.
+
+  Args:
+    text_ids: (B, T) int token ids, [PAD] on padding.
+    text_mask: (B, T) bool, the protocol's frame mask (False on dropped tokens, padding
+      and absent text).
+    tokens: the special token ids.
+
+  Returns:
+    (input_ids (B, T) int32 with dropped real tokens -> [UNK] except [CLS]/[SEP],
+     attention (B, T) bool = the real tokens, dropped ones included).
+  """
+  ids = jnp.asarray(text_ids, jnp.int32)
+  attention = ids != tokens.pad
+  special = (ids == tokens.cls) | (ids == tokens.sep)
+  dropped = attention & ~jnp.asarray(text_mask, bool) & ~special
+  return jnp.where(dropped, tokens.unk, ids), attention
+
+
+def encode_text(encoder: bert.BertModel, params, batch: Mapping, tokens: bert.SpecialTokens, *,
+                train: bool, rng=None) -> dict:
+  """The batch with `text` = BERT hidden states (B, T, H) of its token ids.
+
+  Args:
+    encoder: the `BertModel` (without pooler).
+    params: its params.
+    batch: a batch in the layout of SPEC section 4 plus `text_ids` (and optionally
+      `text_segments`) (B, T) int.
+    tokens: special token ids.
+    train: dropout on (needs `rng`).
+    rng: dropout key.
+
+  Returns:
+    A new dict without the token keys; `text` is zero where `text_mask` is False.
+  """
+  ids, attention = masked_token_ids(batch["text_ids"], batch["text_mask"], tokens)
+  segments = batch.get("text_segments")
+  rngs = {"dropout": rng} if train and rng is not None else {}
+  hidden = encoder.apply({"params": params}, ids, attention, segments,
+                         train=train and rng is not None, rngs=rngs)["hidden"]
+  keep = jnp.asarray(batch["text_mask"], bool)[..., None]
+  out = {k: v for k, v in batch.items() if k not in TOKEN_KEYS}
+  out["text"] = jnp.where(keep, hidden, jnp.zeros((), hidden.dtype))
+  return out
+
+
+def teacher_inputs(batch: Mapping) -> Mapping:
+  """The batch a frozen teacher reads: with a BERT text branch, `text` is the teacher's own
+  encoding of the clean tokens (`teacher_text`, set by the wrapper); otherwise `batch`."""
+  if TEACHER_TEXT not in batch:
+    return batch
+  out = {k: v for k, v in batch.items() if k not in TOKEN_KEYS and k != TEACHER_TEXT}
+  out["text"] = batch[TEACHER_TEXT]
+  return out
+
+
+def _pretrained_init(path: str, encoder: bert.BertModel) -> Callable:
+  """Param initialiser of the encoder: the folder's weights via a host callback (random
+  BERT initialisation without a folder)."""
+
+  def init(key, *_):
+    ids = jnp.zeros((1, 1), jnp.int32)
+    random_init = lambda: encoder.init(key, ids, ids > 0)["params"]
+    if not path:
+      return random_init()
+    shapes = jax.eval_shape(random_init)
+    load = functools.partial(bert.load_params, path, encoder.config,
+                             use_pooler=encoder.use_pooler)
+    return jax.pure_callback(load, shapes)
+
+  return init
+
+
+class TextEncoderModel(nn.Module):
+  """BERT text branch + a method's network: `apply(batch, train)` encodes `text_ids` into
+  `text` (see the module docstring) and returns what the method's network returns.
+
+  Params: `{"text_encoder": BertModel params, "method": the method's params}`.
+  """
+
+  encoder: bert.BertModel
+  method: nn.Module
+  tokens: bert.SpecialTokens = bert.SpecialTokens()
+  pretrained: str = ""  # checkpoint folder of the initial weights ("" = random)
+
+  @nn.compact
+  def __call__(self, batch, *, train: bool):
+    if "text_ids" not in batch:
+      raise ValueError("config.model.text_encoder='bert' reads token ids: the batch has no "
+                       f"'text_ids' (keys {sorted(batch)}); only MMSA data (text_bert) "
+                       "carry them")
+    params = self.param("text_encoder", _pretrained_init(self.pretrained, self.encoder))
+    rng = self.make_rng("dropout") if train and self.has_rng("dropout") else None
+    batch = encode_text(self.encoder, params, batch, self.tokens, train=train, rng=rng)
+    return self.method(batch, train=train)
+
+
+def with_text_encoder(stage: Stage, encoder: bert.BertModel, tokens: bert.SpecialTokens, *,
+                      pretrained: str = "") -> Stage:
+  """`stage` with a BERT text branch (see the module docstring).
+
+  Args:
+    stage: a method's stage built for text features of width `encoder.config.hidden_size`.
+    encoder: the `BertModel` (use_pooler=False).
+    tokens: special token ids of its vocabulary.
+    pretrained: folder of the initial encoder weights ("" = random initialisation).
+  """
+  model = TextEncoderModel(encoder=encoder, method=stage.model, tokens=tokens,
+                           pretrained=pretrained)
+
+  def loss_fn(params, method_state, batch, key, context: StageContext):
+    frozen = context.frozen
+    if isinstance(frozen, Mapping) and "text_encoder" in frozen:
+      # A frozen teacher: its own encoder on the clean tokens, no gradient.
+      teacher = encode_text(encoder, frozen["text_encoder"], batch, tokens, train=False)
+      batch = dict(batch, **{TEACHER_TEXT: jax.lax.stop_gradient(teacher["text"])})
+      context = dataclasses.replace(context, frozen=frozen["method"])
+
+    def interceptor(next_fun, args, kwargs, call):
+      if args and isinstance(args[0], Mapping) and "text_ids" in args[0]:
+        train = bool(kwargs.get("train", False))
+        module = call.module
+        rng = module.make_rng("dropout") if train and module.has_rng("dropout") else None
+        args = (encode_text(encoder, params["text_encoder"], args[0], tokens, train=train,
+                            rng=rng), *args[1:])
+      return next_fun(*args, **kwargs)
+
+    # The file's text features are never the method's input here: a zero-width stand-in
+    # keeps the protocols' array code unchanged (and cheap), and a network that read it
+    # without encoding would fail on the width instead of silently training on it.
+    batch = dict(batch, text=jnp.zeros(jnp.shape(batch["text"])[:2] + (0,), jnp.float32))
+    with nn.intercept_methods(interceptor):
+      return stage.loss_fn(params["method"], method_state, batch, key, context)
+
+  return dataclasses.replace(stage, model=model, loss_fn=loss_fn)
+
+
+def encoder_from_config(model_config) -> tuple[bert.BertModel, bert.SpecialTokens]:
+  """The `BertModel` and special tokens of `config.model.text_encoder_path`, after checking
+  that the folder's weights fill the encoder (names and shapes, from the headers).
+
+  Raises:
+    FileNotFoundError / ValueError: naming the folder, file and tensor at fault.
+  """
+  path = model_config.text_encoder_path
+  if not path:
+    raise ValueError("config.model.text_encoder='bert' needs config.model.text_encoder_path, "
+                     "a local BERT folder (config.json + model.safetensors); see docs/bert.md")
+  config = bert.load_config(path)
+  bert.check_checkpoint(path, config, use_pooler=False)
+  encoder = bert.BertModel(config, use_pooler=False,
+                           remat=bool(model_config.get("text_encoder_remat", False)))
+  return encoder, bert.load_special_tokens(path, config)
+
+
+def build_with_text_encoder(build: Callable, config, spec: DataSpec) -> list[Stage]:
+  """`build(config, spec)` (a method's stage builder) with a BERT text branch on every
+  stage; the method is built for text of the encoder's width."""
+  encoder, tokens = encoder_from_config(config.model)
+  text_spec = dataclasses.replace(spec, dims=(encoder.config.hidden_size, *spec.dims[1:]))
+  return [with_text_encoder(stage, encoder, tokens, pretrained=config.model.text_encoder_path)
+          for stage in build(config, text_spec)]
+
+
+def uses_text_encoder(config) -> bool:
+  """Whether a run config fine-tunes a text encoder (and so reads `text_ids`)."""
+  model = config.get("model") if hasattr(config, "get") else None
+  return bool(model) and model.get("text_encoder", "features") == "bert"
+
+
+__all__ = [
+    "TEACHER_TEXT", "TEXT_ENCODERS", "TOKEN_KEYS", "TextEncoderModel", "build_with_text_encoder",
+    "encode_text", "encoder_from_config", "masked_token_ids", "teacher_inputs",
+    "uses_text_encoder", "with_text_encoder",
+]
