@@ -96,7 +96,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict()
   # Text branch: "features" reads the data's text features; "bert" fine-tunes a BERT
   # (nn/bert.py) on the token ids the data carry (MMSA `text_bert`), loaded from a local
-  # Hugging Face folder (config.json + model.safetensors); see docs/bert.md.
+  # Hugging Face folder (config.json + model.safetensors); see docs/methods.md#fine-tuning-bert.
   config.model.text_encoder = "features"
   config.model.text_encoder_path = ""
   config.model.text_encoder_remat = False  # recompute BERT layers in the backward pass
@@ -195,7 +195,7 @@ def validate_config(config, spec=None, *, num_train: int | None = None) -> None:
   if _get(config, "model.text_encoder") == "bert":
     if not _get(config, "model.text_encoder_path"):
       fail("model.text_encoder_path", "must name a local BERT folder (config.json + "
-           "model.safetensors) when config.model.text_encoder='bert'; see docs/bert.md")
+           "model.safetensors) when config.model.text_encoder='bert'; see docs/methods.md")
     if config.data.source not in TOKEN_ID_SOURCES:
       fail("data.source", f"gives no token ids; config.model.text_encoder='bert' reads the "
            f"ids of {TOKEN_ID_SOURCES} data (MMSA text_bert)")

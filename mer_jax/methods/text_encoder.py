@@ -210,7 +210,7 @@ def encoder_from_config(model_config) -> tuple[bert.BertModel, bert.SpecialToken
   path = model_config.text_encoder_path
   if not path:
     raise ValueError("config.model.text_encoder='bert' needs config.model.text_encoder_path, "
-                     "a local BERT folder (config.json + model.safetensors); see docs/bert.md")
+                     "a local BERT folder (config.json + model.safetensors); see docs/methods.md")
   config = bert.load_config(path)
   bert.check_checkpoint(path, config, use_pooler=False)
   encoder = bert.BertModel(config, use_pooler=False,

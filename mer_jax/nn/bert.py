@@ -86,7 +86,7 @@ def load_config(path: str) -> BertConfig:
   if not os.path.isfile(file):
     raise FileNotFoundError(
         f"{file} not found: config.model.text_encoder_path must be a local Hugging Face BERT "
-        f"folder with {CONFIG_FILE} and {WEIGHTS_FILE} (see docs/bert.md)")
+        f"folder with {CONFIG_FILE} and {WEIGHTS_FILE} (see docs/methods.md)")
   with open(file) as f:
     raw = json.load(f)
   if raw.get("model_type", "bert") != "bert":
@@ -308,7 +308,7 @@ def _checkpoint_index(path: str) -> tuple[str, dict[str, str]]:
   if not os.path.isfile(file):
     raise FileNotFoundError(
         f"{file} not found: the BERT folder needs its weights as {WEIGHTS_FILE} (PyTorch "
-        f".bin files are not read; see docs/bert.md)")
+        f".bin files are not read; see docs/methods.md)")
   index = {}
   with safe_open(file, framework="np") as f:
     for stored in f.keys():
