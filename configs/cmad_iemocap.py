@@ -35,31 +35,5 @@ def get_config(arg=None):
   config.loss.mar_epochs = 10
   config.loss.cafd_weight = 1.0
 
-  if variant == "synthetic":
-    # Small enough for two CPU cores: both stages and the evaluation in a few minutes.
-    config.model.width = 32
-    config.model.num_latents = 4
-    config.model.perceiver_depth = 1
-    config.model.latent_heads = 4
-    config.model.perceiver_mlp_dim = 64
-    config.model.fusion_heads = 4
-    config.model.fusion_mlp_dim = 64
-    config.train.batch_size = 64
-    config.train.schedule = "cosine"
-    config.train.num_epochs = 12
-    config.teacher.num_epochs = 8
-    config.loss.mar_epochs = 4
-  config_lib.apply_variant(config, variant)
-  if variant == "tiny":
-    config.model.width = 16
-    config.model.num_latents = 2
-    config.model.perceiver_depth = 1
-    config.model.latent_heads = 2
-    config.model.perceiver_mlp_dim = 32
-    config.model.fusion_layers = 1
-    config.model.fusion_heads = 2
-    config.model.fusion_mlp_dim = 32
-    config.model.dropout = 0.0  # wiring tests: dropout's RNG doubles the CPU compile time
-    config.teacher.num_epochs = 1
-    config.loss.mar_epochs = 1
+  cmad.apply_variant(config, variant)
   return config_lib.finalize(config)

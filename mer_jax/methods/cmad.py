@@ -44,6 +44,7 @@ from mer_jax.losses.distillation import (
     mar_weights,
 )
 from mer_jax.losses.task import task_loss
+from mer_jax.methods import mcur
 from mer_jax.methods.base import Stage
 from mer_jax.methods.text_encoder import teacher_inputs
 from mer_jax.nn.fusion import PerceiverFusion, perceiver_fusion_from_config
@@ -212,6 +213,16 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.batch_size = 128
   config.train.num_epochs = 100
   return config
+
+
+def apply_variant(config, variant: str):
+  """MCUR's `:synthetic` / `:tiny` sizes (the same backbone) with MAR's epoch threshold G
+  scaled to the shorter runs."""
+  mcur.apply_variant(config, variant)
+  if variant == "synthetic":
+    config.loss.mar_epochs = 4
+  elif variant == "tiny":
+    config.loss.mar_epochs = 1
 
 
 def _validate(config):

@@ -206,6 +206,38 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
+def apply_variant(config, variant: str, *, student_epochs: int = 12):
+  """The `:synthetic` and `:tiny` sizes of the Perceiver-fusion backbone and schedule,
+  shared by every MCUR and CMAD config (`config_lib.apply_variant` included)."""
+  if variant == "synthetic":
+    # Small enough for two CPU cores: both stages and the evaluation in a few minutes.
+    config.model.width = 32
+    config.model.num_latents = 4
+    config.model.perceiver_depth = 1
+    config.model.latent_heads = 4
+    config.model.perceiver_mlp_dim = 64
+    config.model.fusion_heads = 4
+    config.model.fusion_mlp_dim = 64
+    config.train.batch_size = 64
+    config.train.learning_rate = 1e-3
+    config.train.schedule = "cosine"
+    config.train.num_epochs = student_epochs
+    config.teacher.num_epochs = 8
+  config_lib.apply_variant(config, variant)
+  if variant == "tiny":
+    config.model.width = 16
+    config.model.num_latents = 2
+    config.model.perceiver_depth = 1
+    config.model.latent_heads = 2
+    config.model.perceiver_mlp_dim = 32
+    config.model.fusion_layers = 1
+    config.model.fusion_heads = 2
+    config.model.fusion_mlp_dim = 32
+    config.model.dropout = 0.0  # wiring tests: dropout's RNG doubles the CPU compile time
+    config.train.learning_rate = 1e-3
+    config.teacher.num_epochs = 1
+
+
 def _validate(config):
   if config.loss.contrastive not in CONTRASTIVE_KINDS:
     raise ValueError(f"config.loss.contrastive must be one of {CONTRASTIVE_KINDS}, got "
