@@ -33,7 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.method = ""
   config.seed = 0
   config.num_seeds = 1
-  config.dtype = "float32"
+  config.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
   config.num_devices = 0  # 0 = every visible device.
 
   # Data: where the features come from and which task they define (SPEC section 9).
@@ -127,6 +127,7 @@ def apply_variant(config: ml_collections.ConfigDict, variant: str) -> ml_collect
 
 
 _CHOICES = {
+    "dtype": ("float32", "bfloat16"),
     "train.optimizer": ("adamw", "adam", "sgd"),
     "train.schedule": ("constant", "cosine", "linear"),
     "train.on_nonfinite": ("stop", "skip"),

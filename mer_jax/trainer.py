@@ -65,8 +65,10 @@ def make_optimizer(train_config, steps_per_epoch: int, num_epochs: int):
             [optax.linear_schedule(0.0, peak, warmup_steps), schedule], [warmup_steps])
       return schedule
     if train_config.schedule == "cosine":
+      # optax needs at least one decay step after the warm-up (a one-step run has none).
       return optax.warmup_cosine_decay_schedule(
-          0.0 if warmup_steps else peak, peak, max(warmup_steps, 1), total_steps, peak * 0.01)
+          0.0 if warmup_steps else peak, peak, max(warmup_steps, 1),
+          max(total_steps, max(warmup_steps, 1) + 1), peak * 0.01)
     if train_config.schedule == "linear":
       return optax.join_schedules([
           optax.linear_schedule(0.0, peak, max(warmup_steps, 1)),

@@ -24,12 +24,17 @@ def build_stages(config, spec):
 
   With `config.model.text_encoder = "bert"` every stage gets a fine-tuned BERT text
   branch (`methods.text_encoder`): the method is built for text of the encoder's width.
+  With `config.dtype = "bfloat16"` every stage computes in bfloat16 with float32 params
+  and float32 losses (`base.with_compute_dtype`).
   """
   if config.method not in METHODS:
     raise ValueError(f"config.method must be one of {METHODS}, got {config.method!r}")
   module = importlib.import_module(f"mer_jax.methods.{config.method}")
   from mer_jax.methods import text_encoder
+  from mer_jax.methods.base import with_compute_dtype
 
   if text_encoder.uses_text_encoder(config):
-    return text_encoder.build_with_text_encoder(module.build, config, spec)
-  return module.build(config, spec)
+    stages = text_encoder.build_with_text_encoder(module.build, config, spec)
+  else:
+    stages = module.build(config, spec)
+  return [with_compute_dtype(stage, config.get("dtype", "float32")) for stage in stages]

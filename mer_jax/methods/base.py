@@ -15,6 +15,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 PyTree = Any
 
@@ -57,6 +58,8 @@ class Stage:
     num_epochs: epochs of this stage.
     trained_with_missing: whether the stage's protocol simulates missing modalities
       (teachers train on full modalities).
+    compute_dtype: dtype of the forward computation (`with_compute_dtype`); params,
+      optimiser state and method state stay float32.
   """
 
   name: str
@@ -66,8 +69,68 @@ class Stage:
   end_epoch: Callable | None = None
   num_epochs: int = 1
   trained_with_missing: bool = True
+  compute_dtype: str = "float32"
 
   def predict(self, params, method_state, batch):
     """Deterministic forward used by validation, evaluation and prediction."""
     del method_state
-    return self.model.apply({"params": params}, batch, train=False)
+    if self.compute_dtype == "float32":
+      return self.model.apply({"params": params}, batch, train=False)
+    with nn.intercept_methods(_float32_top_level_outputs):
+      return self.model.apply({"params": cast_floating(params, self.compute_dtype)},
+                              cast_features(batch, self.compute_dtype), train=False)
+
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def cast_floating(tree, dtype):
+  """`tree` with every floating-point array cast to `dtype` (others unchanged)."""
+  return jax.tree.map(
+      lambda x: x.astype(dtype) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x,
+      tree)
+
+
+def cast_features(batch, dtype):
+  """The modality features of `batch` in `dtype`; labels and masks keep their dtypes (a
+  bfloat16 regression label would lose its annotation grid)."""
+  from mer_jax.data.spec import MODALITIES
+
+  return {k: (v.astype(dtype) if k in MODALITIES else v) for k, v in batch.items()}
+
+
+def _float32_top_level_outputs(next_fun, args, kwargs, context):
+  # A network's outputs leave it in float32, so every loss and metric reduces in float32
+  # while the layers inside compute in the stage's dtype. A top-level module's parent is
+  # its flax Scope, a submodule's is another Module.
+  outputs = next_fun(*args, **kwargs)
+  if not isinstance(context.module.parent, nn.Module):
+    outputs = cast_floating(outputs, jnp.float32)
+  return outputs
+
+
+def with_compute_dtype(stage: Stage, dtype: str) -> Stage:
+  """`stage` computing its forward passes in `dtype` (mixed precision).
+
+  The loss casts the float32 params (the optimiser's master copy; the cast is
+  differentiable, so gradients arrive in float32), the frozen teacher params and the
+  modality features to `dtype`; network outputs come back in float32, so the loss, its
+  reductions and the metrics are float32. Method state keeps its dtypes.
+  """
+  if dtype not in COMPUTE_DTYPES:
+    raise ValueError(f"config.dtype={dtype!r}: choose one of {COMPUTE_DTYPES}")
+  if dtype == "float32":
+    return stage
+
+  def loss_fn(params, method_state, batch, key, context):
+    if context.frozen is not None:
+      context = dataclasses.replace(context, frozen=cast_floating(context.frozen, dtype))
+    with nn.intercept_methods(_float32_top_level_outputs):
+      loss, (metrics, new_state) = stage.loss_fn(
+          cast_floating(params, dtype), method_state, cast_features(batch, dtype), key,
+          context)
+    new_state = jax.tree.map(lambda new, old: jnp.asarray(new).astype(jnp.result_type(old)),
+                             new_state, method_state)
+    return loss.astype(jnp.float32), (cast_floating(metrics, jnp.float32), new_state)
+
+  return dataclasses.replace(stage, loss_fn=loss_fn, compute_dtype=dtype)

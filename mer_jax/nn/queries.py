@@ -35,7 +35,7 @@ def align_length(x, frame_mask, length: int):
   """
   if x.shape[1] == length:
     return x, frame_mask
-  bins = jnp.asarray(adaptive_pool_matrix(x.shape[1], length))
+  bins = jnp.asarray(adaptive_pool_matrix(x.shape[1], length), x.dtype)  # 0/1: exact
   weights = frame_mask.astype(x.dtype)
   summed = jnp.einsum("ot,btd->bod", bins, x * weights[..., None])
   counts = jnp.einsum("ot,bt->bo", bins, weights)
