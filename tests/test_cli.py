@@ -8,7 +8,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import REPO
 
 TINY_EVAL = ["--config.eval.missing_rates=(0.5,)", "--config.eval.frame_rates=(0.0,1.0)"]
