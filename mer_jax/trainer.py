@@ -391,14 +391,32 @@ def init_train_state(stage: Stage, tx, example_batch, key) -> TrainState:
       best_value=jnp.asarray(-jnp.inf, jnp.float32), best_epoch=jnp.asarray(-1, jnp.int32))
 
 
+class _BoundStep:
+  """A compiled step with its run constants (key, frozen teacher) bound as arguments.
+
+  They are jit arguments, not closed-over constants, so the program holds no teacher
+  weights and every seed and teacher reuses one compilation (and its persistent cache
+  entry).
+  """
+
+  def __init__(self, jitted, *constants):
+    self._jitted = jitted
+    self._constants = constants
+
+  def __call__(self, state, batch):
+    return self._jitted(state, batch, *self._constants)
+
+  def lower(self, state, batch):
+    return self._jitted.lower(state, batch, *self._constants)
+
+
 def make_train_step(stage: Stage, tx, train_key, context: StageContext, mesh):
   """The compiled step `(state, batch) -> (state, metrics)`: missing protocol, forward,
   losses, gradients and optimiser update in one XLA program over the mesh."""
 
-  def train_step(state: TrainState, batch):
+  def train_step(state: TrainState, batch, train_key, frozen, frozen_state):
     key = jax.random.fold_in(train_key, state.step)
-    ctx = StageContext(frozen=context.frozen, frozen_state=context.frozen_state,
-                       epoch=state.epoch)
+    ctx = StageContext(frozen=frozen, frozen_state=frozen_state, epoch=state.epoch)
     (loss, (step_metrics, method_state)), grads = jax.value_and_grad(
         stage.loss_fn, has_aux=True)(state.params, state.method_state, batch, key, ctx)
     grad_norm = optax.global_norm(grads)
@@ -419,9 +437,12 @@ def make_train_step(stage: Stage, tx, train_key, context: StageContext, mesh):
   replicated = parallel.replicated(mesh)
   # Fixed in/out shardings: state replaced on the host between epochs (epoch counter,
   # best value) is re-laid out to match instead of triggering a recompilation.
-  return jax.jit(train_step, donate_argnums=(0,),
-                 in_shardings=(replicated, parallel.data_sharding(mesh)),
-                 out_shardings=(replicated, replicated))
+  jitted = jax.jit(train_step, donate_argnums=(0,),
+                   in_shardings=(replicated, parallel.data_sharding(mesh), replicated,
+                                 replicated, replicated),
+                   out_shardings=(replicated, replicated))
+  constants = parallel.replicate((train_key, context.frozen, context.frozen_state), mesh)
+  return _BoundStep(jitted, *constants)
 
 
 def train_stage(stage: Stage, config, splits, spec, mesh, workdir: str, *,
