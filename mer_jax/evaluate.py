@@ -218,13 +218,32 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
 
 def evaluate_run(workdir: str, config=None, *, checkpoint: str | None = None,
                  embeddings: bool | None = None, split_name: str | None = None,
-                 data=None, mesh=None) -> dict:
+                 data=None, mesh=None, eval_data=None, adapt_widths: bool = False) -> dict:
   """Evaluates every stage of a run; writes DIR/eval/ for the final stage and
-  DIR/eval/<stage>/ for earlier ones. Returns the final stage's results."""
+  DIR/eval/<stage>/ for earlier ones. Returns the final stage's results.
+
+  Cross-dataset evaluation (MCUR A.5.9): `eval_data` (a `config.data` section naming
+  another dataset of the same task) is evaluated instead of the run's own data, into
+  DIR/eval_<name>/; with `adapt_widths` feature widths that differ from the trained
+  ones are zero-padded / truncated (`sources.cross_dataset`, which logs a warning),
+  without it they are an error naming both.
+  """
   config = config or load_run_config(workdir)
   checkpoint = checkpoint or config.eval.checkpoint
   keep_embeddings = config.eval.embeddings if embeddings is None else embeddings
   split_name = split_name or config.eval.split
+  eval_root = "eval"
+  if eval_data is not None:
+    from mer_jax.data import sources
+    from mer_jax.data.builders import files
+
+    if not config.data.get("spec"):
+      raise ValueError(f"{workdir}/config.json has no data.spec (the trained widths); "
+                       "cross-dataset evaluation needs a run written by this version")
+    other_splits, other_spec = pipeline.load_data(eval_data)
+    data = sources.cross_dataset(other_splits, other_spec,
+                                 files.spec_from_dict(config.data.spec), adapt=adapt_widths)
+    eval_root = f"eval_{eval_data.name}"
   splits, spec = data or pipeline.load_data(config.data)
   mesh = mesh or parallel.make_mesh(config.num_devices)
   split = splits[split_name]
@@ -240,7 +259,7 @@ def evaluate_run(workdir: str, config=None, *, checkpoint: str | None = None,
         keep_embeddings=keep_embeddings)
     results["summary"]["checkpoint_epoch"] = epoch
     is_final = index == len(stages) - 1
-    eval_dir = os.path.join(workdir, "eval", "" if is_final else stage.name)
+    eval_dir = os.path.join(workdir, eval_root, "" if is_final else stage.name)
     if jax.process_index() == 0:
       write_results(eval_dir, results)
       plot_robustness(os.path.join(eval_dir, "robustness.png"), results, spec.task,
@@ -253,7 +272,7 @@ def evaluate_run(workdir: str, config=None, *, checkpoint: str | None = None,
                   spec.task, seed=config.seed)
     all_results[stage.name or "final"] = results
   if len(stages) > 1 and jax.process_index() == 0:
-    write_stage_comparison(os.path.join(workdir, "eval"), all_results, spec.task,
+    write_stage_comparison(os.path.join(workdir, eval_root), all_results, spec.task,
                            title=f"{config.method} on {config.data.name} ({split_name})")
   return all_results[stages[-1].name or "final"]
 
@@ -386,14 +405,34 @@ def _define_flags():
   _EMBEDDINGS = flags.DEFINE_bool("embeddings", False,
                                   "Also save fused embeddings per scenario and a t-SNE plot.")
   _SPLIT = flags.DEFINE_enum("split", None, ["valid", "test"], "Split (default config.eval.split).")
+  global _EVAL_SOURCE, _EVAL_NAME, _EVAL_DIR, _ADAPT_WIDTHS
+  _EVAL_SOURCE = flags.DEFINE_string(
+      "eval_source", None, "Cross-dataset evaluation: the other dataset's config.data.source "
+      "(default: the run's). Results go to DIR/eval_<name>/.")
+  _EVAL_NAME = flags.DEFINE_string("eval_name", None,
+                                   "Cross-dataset evaluation: the other dataset's name.")
+  _EVAL_DIR = flags.DEFINE_string("eval_dir", None,
+                                  "Cross-dataset evaluation: the other dataset's folder.")
+  _ADAPT_WIDTHS = flags.DEFINE_bool(
+      "adapt_widths", False, "Zero-pad / truncate feature widths that differ from the trained "
+      "ones (MCUR A.5.9); a warning names each change.")
 
 
 def main(argv):
   del argv
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required")
+  eval_data = None
+  if _EVAL_NAME.value or _EVAL_DIR.value or _EVAL_SOURCE.value:
+    if not _EVAL_NAME.value:
+      raise app.UsageError("--eval_name is required for cross-dataset evaluation")
+    eval_data = ml_collections.ConfigDict(load_run_config(_WORKDIR.value).data.to_dict())
+    eval_data.source = _EVAL_SOURCE.value or eval_data.source
+    eval_data.name = _EVAL_NAME.value
+    eval_data.dir = _EVAL_DIR.value or ""
   results = evaluate_run(_WORKDIR.value, checkpoint=_CHECKPOINT.value,
-                         embeddings=_EMBEDDINGS.value or None, split_name=_SPLIT.value)
+                         embeddings=_EMBEDDINGS.value or None, split_name=_SPLIT.value,
+                         eval_data=eval_data, adapt_widths=_ADAPT_WIDTHS.value)
   print(json.dumps(results["summary"], indent=2))
 
 

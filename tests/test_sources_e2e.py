@@ -10,7 +10,6 @@ import importlib.util
 import json
 import os
 
-import jax
 import numpy as np
 import pytest
 from conftest import REPO
@@ -23,12 +22,8 @@ from test_sources import (
   write_npz,
 )
 
-from mer_jax import evaluate, parallel, train
-from mer_jax.data import pipeline, sources
-from mer_jax.data.builders import files
-from mer_jax.methods import build_stages
+from mer_jax import evaluate, train
 from mer_jax.metrics import PRIMARY_METRIC
-from mer_jax.trainer import Predictor, load_stage_params
 
 E2E_DIMS, E2E_LENGTHS = (768, 74, 35), (50, 50, 50)  # the synthetic MOSEI preset's shapes
 IEMOCAP_DIMS, IEMOCAP_LENGTHS = (300, 74, 35), (20, 20, 20)  # the synthetic IEMOCAP preset's
@@ -80,21 +75,16 @@ def test_tiny_dqf_run_on_mmsa_pickle_then_cross_dataset_evaluation(tmp_path):
   write_npz(tmp_path / "sims", sizes=(8, 8, 8), dims=(768, 33, 709), lengths=(39, 400, 55))
   eval_data = load_run_config("dqf_mosei.py", source="npz", name="sims", dir=str(tmp_path / "sims"),
                               cache_dir=str(tmp_path / "tfds")).data
-  splits, data_spec = pipeline.load_data(eval_data)
-  saved = evaluate.load_run_config(workdir)
-  trained = files.spec_from_dict(saved.data.spec)
   with pytest.raises(ValueError, match="--adapt_widths"):
-    sources.cross_dataset(splits, data_spec, trained, adapt=False)
-  splits, spec = sources.cross_dataset(splits, data_spec, trained, adapt=True)
-  stage = build_stages(saved, spec)[-1]
-  split = splits["test"]
-  example = {k: v[:2] for k, v in pipeline.device_arrays(split).items()}
-  params, state, _ = load_stage_params(workdir, stage, example, checkpoint="best")
-  predictor = Predictor(stage, parallel.make_mesh(0), 8, on_device=False)
-  cross, _ = evaluate.run_scenarios(predictor, params, state, split, spec, saved.eval,
-                                    key=jax.random.key(0))
+    evaluate.evaluate_run(workdir, eval_data=eval_data)
+  cross = evaluate.evaluate_run(workdir, eval_data=eval_data, adapt_widths=True)
   for name in ("L", "A", "V", "LAV"):
     assert np.isfinite(cross[name]["mae"]) and 0.0 <= cross[name]["acc2_has0"] <= 1.0
+  # The run's own evaluation is kept; the other dataset's goes beside it.
+  with open(os.path.join(workdir, "eval_sims", "results.json")) as f:
+    assert json.load(f)["LAV"]["mae"] == pytest.approx(cross["LAV"]["mae"])
+  with open(os.path.join(workdir, "eval", "results.json")) as f:
+    assert json.load(f)["LAV"]["mae"] == pytest.approx(results["LAV"]["mae"])
 
 
 def test_tiny_dqf_run_on_own_npz_features(tmp_path):
