@@ -27,20 +27,23 @@ def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
   return jax.make_mesh((n,), (DATA_AXIS,), axis_types=(AxisType.Auto,), devices=devices[:n])
 
 
-def data_sharding(mesh) -> NamedSharding:
-  return NamedSharding(mesh, P(DATA_AXIS))
+def data_sharding(mesh, batch_axis: int = 0) -> NamedSharding:
+  """Arrays sharded along "data" on `batch_axis` (1 for seed-stacked batches)."""
+  return NamedSharding(mesh, P(*(None,) * batch_axis, DATA_AXIS))
 
 
 def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def process_rows(sharding, num_rows: int) -> slice:
-  """The rows of a `num_rows`-row global batch that this process's devices hold under
-  `sharding` (batch-sharded along the first axis): one contiguous block, wherever the
-  mesh placed this process's devices."""
-  blocks = {(index[0].start or 0, num_rows if index[0].stop is None else index[0].stop)
-            for index in sharding.addressable_devices_indices_map((num_rows,)).values()}
+def process_rows(sharding, shape: tuple[int, ...], batch_axis: int = 0) -> slice:
+  """The rows (along `batch_axis`) of a global batch of `shape` that this process's
+  devices hold under `sharding`: one contiguous block, wherever the mesh placed this
+  process's devices."""
+  num_rows = shape[batch_axis]
+  blocks = {(index[batch_axis].start or 0,
+             num_rows if index[batch_axis].stop is None else index[batch_axis].stop)
+            for index in sharding.addressable_devices_indices_map(tuple(shape)).values()}
   start, stop = min(b[0] for b in blocks), max(b[1] for b in blocks)
   if sum(b[1] - b[0] for b in blocks) != stop - start:
     raise ValueError(f"this process's devices hold non-contiguous rows {sorted(blocks)} of the "
@@ -48,20 +51,21 @@ def process_rows(sharding, num_rows: int) -> slice:
   return slice(start, stop)
 
 
-def shard_batch(batch: dict, mesh) -> dict:
-  """Places a host batch (global, identical on every process) on the mesh.
+def shard_batch(batch: dict, mesh, batch_axis: int = 0) -> dict:
+  """Places a host batch (global, identical on every process) on the mesh, sharded
+  along `batch_axis`.
 
   On one process this is a device_put; on several, each process contributes the
   rows its devices own, via `jax.make_array_from_process_local_data`.
   """
-  sharding = data_sharding(mesh)
+  sharding = data_sharding(mesh, batch_axis)
   if jax.process_count() == 1:
     return jax.device_put(batch, sharding)
 
   def put(x):
     x = np.asarray(x)
-    return jax.make_array_from_process_local_data(
-        sharding, x[process_rows(sharding, x.shape[0])], x.shape)
+    local = (slice(None),) * batch_axis + (process_rows(sharding, x.shape, batch_axis),)
+    return jax.make_array_from_process_local_data(sharding, x[local], x.shape)
 
   return jax.tree.map(put, batch)
 

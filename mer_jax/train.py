@@ -87,9 +87,11 @@ def run(config, workdir: str, *, allow_config_change: bool = False) -> dict:
   """Trains every stage of `config.method` in `workdir`, then evaluates. Returns the
   final stage's evaluation results ({scenario: {metric: value}, "summary": ...}).
 
-  With `config.num_seeds = K > 1`, seeds `seed .. seed+K-1` are trained one after the
-  other in `workdir/seed{s}` (each identical to a single-seed run with that seed) and
-  `workdir/eval/` reports their mean and 95% interval per metric.
+  With `config.num_seeds = K > 1`, seeds `seed .. seed+K-1` are trained at once in one
+  program (params and optimiser state stacked, the step `jax.vmap`ped over them); each
+  gets a run folder `workdir/seed{s}` identical to a single-seed run with that seed
+  (checkpoints, log, evaluation), and `workdir/eval/` reports their mean and 95% interval
+  per metric. The stacked state is checkpointed in `workdir/checkpoints/` (resume).
   """
   # Every check that needs no data runs before loading and compiling anything.
   config_lib.validate_config(config)
@@ -101,49 +103,84 @@ def run(config, workdir: str, *, allow_config_change: bool = False) -> dict:
   return _run_one(config, workdir, data, allow_config_change)
 
 
-def _run_one(config, workdir: str, data, allow_config_change: bool) -> dict:
-  splits, spec = data
+def _start(config, workdir: str, spec, allow_config_change: bool):
+  """Checks and creates a run folder and writes its resolved config."""
   check_workdir(config, workdir, allow_config_change=allow_config_change)
   os.makedirs(workdir, exist_ok=True)
   # The resolved config records the data facts so that prediction needs no data.
   with config.unlocked():
     config.data.spec = dataclasses.asdict(spec)
   write_config(config, workdir)
-  mesh = parallel.make_mesh(config.num_devices)
-  logger = JsonlLogger(workdir)
+
+
+def _log_start(logger: JsonlLogger, config, mesh, splits, **extra):
   logger.write({"event": "start", "method": config.method, "dataset": config.data.name,
                 "num_devices": int(mesh.devices.size), "backend": jax.default_backend(),
-                "num_train": len(splits["train"]["label"])})
-  context = StageContext()
-  for index, stage in enumerate(build_stages(config, spec)):
-    params, method_state = train_stage(stage, config, splits, spec, mesh, workdir,
-                                       stage_index=index, context=context, logger=logger)
-    context = StageContext(frozen=params, frozen_state=method_state)
-  results = evaluate.evaluate_run(workdir, config, data=(splits, spec), mesh=mesh)
+                "num_train": len(splits["train"]["label"]), **extra})
+
+
+def _evaluate(config, workdir: str, data, mesh, logger: JsonlLogger) -> dict:
+  results = evaluate.evaluate_run(workdir, config, data=data, mesh=mesh)
   logger.write({"event": "evaluated", **{f"test/{k}": v for k, v in results["summary"].items()
                                          if isinstance(v, (int, float))}})
   return results
 
 
-def _run_seeds(config, workdir: str, data, allow_config_change: bool) -> dict:
-  check_workdir(config, workdir, allow_config_change=allow_config_change)
-  os.makedirs(workdir, exist_ok=True)
-  with config.unlocked():
-    config.data.spec = dataclasses.asdict(data[1])
-  write_config(config, workdir)
-  per_seed = {}
+def _run_one(config, workdir: str, data, allow_config_change: bool) -> dict:
+  splits, spec = data
+  _start(config, workdir, spec, allow_config_change)
+  mesh = parallel.make_mesh(config.num_devices)
+  logger = JsonlLogger(workdir)
+  _log_start(logger, config, mesh, splits)
+  context = StageContext()
+  for index, stage in enumerate(build_stages(config, spec)):
+    params, method_state = train_stage(stage, config, splits, spec, mesh, workdir,
+                                       stage_index=index, context=context, logger=logger)
+    context = StageContext(frozen=params, frozen_state=method_state)
+  return _evaluate(config, workdir, data, mesh, logger)
+
+
+def seed_configs(config) -> list:
+  """The single-seed configs `seed, ..., seed + num_seeds - 1` of a `num_seeds` run."""
+  configs = []
   for offset in range(config.num_seeds):
     seed_config = copy.deepcopy(config)
     with seed_config.unlocked():
       seed_config.seed = config.seed + offset
       seed_config.num_seeds = 1
-    seed_dir = os.path.join(workdir, f"seed{seed_config.seed}")
-    per_seed[seed_config.seed] = _run_one(seed_config, seed_dir, data, allow_config_change)
+    configs.append(seed_config)
+  return configs
+
+
+def _run_seeds(config, workdir: str, data, allow_config_change: bool) -> dict:
+  """K seeds trained at once (vmapped, `trainer.train_stage` with `seed_workdirs`) into
+  `workdir/seed{s}` run folders, each evaluated, then aggregated into `workdir/eval`."""
+  splits, spec = data
+  _start(config, workdir, spec, allow_config_change)
+  singles = seed_configs(config)
+  seed_dirs = [os.path.join(workdir, f"seed{c.seed}") for c in singles]
+  for seed_config, seed_dir in zip(singles, seed_dirs, strict=True):
+    _start(seed_config, seed_dir, spec, allow_config_change)
+  mesh = parallel.make_mesh(config.num_devices)
+  logger = JsonlLogger(workdir)
+  _log_start(logger, config, mesh, splits, num_seeds=config.num_seeds)
+  seed_loggers = [JsonlLogger(d) for d in seed_dirs]
+  for seed_logger in seed_loggers:
+    _log_start(seed_logger, config, mesh, splits, trained_with_seeds=config.num_seeds)
+  context = StageContext()
+  for index, stage in enumerate(build_stages(config, spec)):
+    params, method_state = train_stage(stage, config, splits, spec, mesh, workdir,
+                                       stage_index=index, context=context, logger=logger,
+                                       seed_workdirs=seed_dirs)
+    context = StageContext(frozen=params, frozen_state=method_state)
+  per_seed = {seed_config.seed: _evaluate(seed_config, seed_dir, data, mesh, seed_logger)
+              for seed_config, seed_dir, seed_logger in zip(singles, seed_dirs, seed_loggers,
+                                                            strict=True)}
   results = evaluate.aggregate_seeds(per_seed)
   if jax.process_index() == 0:
     evaluate.write_results(os.path.join(workdir, "eval"), results)
     evaluate.plot_robustness(os.path.join(workdir, "eval", "robustness.png"), results,
-                             data[1].task, title=f"{config.method} on {config.data.name}, "
+                             spec.task, title=f"{config.method} on {config.data.name}, "
                              f"mean of {config.num_seeds} seeds")
   return results
 

@@ -144,7 +144,7 @@ def _manager(path: str) -> ocp.CheckpointManager:
 def _save_id(state: TrainState, *, epoch_end: bool) -> int:
   """Checkpoint number: increases with every save, also when a pre-empted step is
   saved again at the end of its epoch."""
-  return 2 * int(state.step) + int(epoch_end)
+  return 2 * _host_int(state.step) + int(epoch_end)
 
 
 def _save(manager: ocp.CheckpointManager, save_id: int, state: TrainState):
@@ -382,7 +382,8 @@ def validate(predictor: Predictor, params, method_state, split, spec, *, scenari
 
 
 def init_train_state(stage: Stage, tx, example_batch, key) -> TrainState:
-  """Fresh parameters, optimiser and method state of a stage."""
+  """Fresh parameters, optimiser and method state of a stage (vmap it over keys for
+  stacked seeds)."""
   params = jax.jit(lambda k: stage.model.init({"params": k, "dropout": k}, example_batch,
                                               train=False)["params"])(key)
   return TrainState(
@@ -410,9 +411,15 @@ class _BoundStep:
     return self._jitted.lower(state, batch, *self._constants)
 
 
-def make_train_step(stage: Stage, tx, train_key, context: StageContext, mesh):
+def make_train_step(stage: Stage, tx, train_key, context: StageContext, mesh, *,
+                    seed_axis: bool = False):
   """The compiled step `(state, batch) -> (state, metrics)`: missing protocol, forward,
-  losses, gradients and optimiser update in one XLA program over the mesh."""
+  losses, gradients and optimiser update in one XLA program over the mesh.
+
+  With `seed_axis`, the state, the batch (K, B, ...), the key and the frozen teacher
+  carry a leading axis of K seeds and the step is `jax.vmap`ped over it: K independent
+  models train in one program (`config.num_seeds`).
+  """
 
   def train_step(state: TrainState, batch, train_key, frozen, frozen_state):
     key = jax.random.fold_in(train_key, state.step)
@@ -437,23 +444,63 @@ def make_train_step(stage: Stage, tx, train_key, context: StageContext, mesh):
   replicated = parallel.replicated(mesh)
   # Fixed in/out shardings: state replaced on the host between epochs (epoch counter,
   # best value) is re-laid out to match instead of triggering a recompilation.
-  jitted = jax.jit(train_step, donate_argnums=(0,),
-                   in_shardings=(replicated, parallel.data_sharding(mesh), replicated,
-                                 replicated, replicated),
+  jitted = jax.jit(jax.vmap(train_step) if seed_axis else train_step, donate_argnums=(0,),
+                   in_shardings=(replicated, parallel.data_sharding(mesh, int(seed_axis)),
+                                 replicated, replicated, replicated),
                    out_shardings=(replicated, replicated))
   constants = parallel.replicate((train_key, context.frozen, context.frozen_state), mesh)
   return _BoundStep(jitted, *constants)
 
 
+def _host_int(x) -> int:
+  """A scalar as a host int; of a per-seed vector, its first entry (the step and epoch
+  counters of stacked seeds are equal)."""
+  return int(np.ravel(jax.device_get(x))[0])
+
+
+# Compiled once per structure; replicated in, replicated out, also on several processes.
+_take_seed = jax.jit(lambda tree, index: jax.tree.map(lambda x: x[index], tree))
+
+
+@jax.jit
+def _select_seeds(improved, new, old):
+  """Per seed, `new` where `improved` else `old` (trees stacked on a seed axis)."""
+  return jax.tree.map(
+      lambda n, o: jnp.where(improved.reshape((-1,) + (1,) * (n.ndim - 1)), n, o), new, old)
+
+
+def _save_seed_checkpoints(state: TrainState, best_state: TrainState, stage: Stage,
+                           seed_workdirs):
+  """Each seed's latest and best state, unstacked, into its own run folder: the
+  checkpoints a single-seed run with that seed writes, so `evaluate`, `predict` and
+  the next stage read them unchanged."""
+  for index, seed_dir in enumerate(seed_workdirs):
+    for kind, source in (("latest", state), ("best", best_state)):
+      one = _take_seed(source, jnp.int32(index))
+      manager = _manager(checkpoint_dir(seed_dir, stage.name, kind))
+      _save(manager, _save_id(one, epoch_end=True), one)
+      manager.wait_until_finished()
+      manager.close()
+
+
 def train_stage(stage: Stage, config, splits, spec, mesh, workdir: str, *,
                 stage_index: int = 0, context: StageContext | None = None,
-                logger: JsonlLogger | None = None):
+                logger: JsonlLogger | None = None, seed_workdirs=None):
   """Trains one stage, resuming from `DIR/checkpoints/[stage/]latest` when present.
 
   Returns (params, method_state) of the best validation epoch. Raises `Preempted`
   after a SIGTERM/SIGINT (the state is checkpointed first) and, with
   `config.train.on_nonfinite = "stop"`, `NonFiniteError` when a loss or gradient
   went NaN/inf (detected at log steps and epoch ends, without a per-step host sync).
+
+  With `seed_workdirs` (K folders), K models seeded `config.seed, ..., config.seed+K-1`
+  train at once: params, optimiser and method state are stacked on a leading seed axis
+  and one `jax.vmap`ped step updates them all; `context` then holds the K frozen
+  teachers stacked the same way. Each seed draws its own batches, logs to its folder's
+  `log.jsonl` and selects its own best epoch, exactly as a single-seed run with that
+  seed would. The stacked state is checkpointed under `workdir` (resume); once the
+  stage is done each seed's best and latest go to its folder. Returns the stacked
+  (params, method_state).
   """
   from mer_jax.losses.task import task_loss
 
@@ -464,27 +511,48 @@ def train_stage(stage: Stage, config, splits, spec, mesh, workdir: str, *,
   if on_nonfinite not in ON_NONFINITE:
     raise ValueError(f"config.train.on_nonfinite must be one of {ON_NONFINITE}, got "
                      f"{on_nonfinite!r}")
+  stacked = seed_workdirs is not None
+  seeds = [config.seed + k for k in range(len(seed_workdirs))] if stacked else [config.seed]
+  for seed_dir in seed_workdirs or ():
+    os.makedirs(seed_dir, exist_ok=True)
+  seed_loggers = [JsonlLogger(d) for d in seed_workdirs] if stacked else [logger]
+  # One seed's values, or the seeds' values on a leading axis.
+  per_seed = (lambda values: jnp.asarray(np.asarray(values))) if stacked else (
+      lambda values: jnp.asarray(values[0]))
   tag = stage.name or config.method
   batcher = Batcher(splits["train"], train_config.batch_size, mesh,
                     on_device=config.data.on_device)
   steps_per_epoch = batcher.steps_per_epoch()
   tx = make_optimizer(train_config, steps_per_epoch, stage.num_epochs)
 
-  root_key = jax.random.fold_in(jax.random.key(config.seed), stage_index)
-  init_key, train_key = jax.random.split(root_key)
+  keys = [jax.random.split(jax.random.fold_in(jax.random.key(seed), stage_index))
+          for seed in seeds]
   example = {k: v[:2] for k, v in batcher.arrays.items()}
-  state = parallel.replicate(init_train_state(stage, tx, example, init_key), mesh)
+  if stacked:
+    train_key = jnp.stack([k[1] for k in keys])
+    state = jax.jit(jax.vmap(lambda key: init_train_state(stage, tx, example, key)))(
+        jnp.stack([k[0] for k in keys]))
+  else:
+    train_key = keys[0][1]
+    state = init_train_state(stage, tx, example, keys[0][0])
+  state = parallel.replicate(state, mesh)
 
   latest_path = checkpoint_dir(workdir, stage.name, "latest")
   best_path = checkpoint_dir(workdir, stage.name, "best")
   restored = restore_latest(latest_path, state)
   if restored is not None:
     state = restored
-    logger.write({"event": "resume", "stage": tag, "epoch": int(state.epoch),
-                  "step": int(state.step)})
+    logger.write({"event": "resume", "stage": tag, "epoch": _host_int(state.epoch),
+                  "step": _host_int(state.step)})
+  # Stacked seeds keep their per-seed best states in memory (each seed's best epoch
+  # differs); a single seed's best is the state at its best epoch, on disk.
+  best_state = restore_latest(best_path, state) if stacked else None
 
-  train_step = make_train_step(stage, tx, train_key, context, mesh)
-  end_epoch = jax.jit(stage.end_epoch) if stage.end_epoch else None
+  train_step = make_train_step(stage, tx, train_key, context, mesh, seed_axis=stacked)
+  end_epoch = None
+  if stage.end_epoch:
+    end_epoch = jax.jit(jax.vmap(stage.end_epoch, in_axes=(0, None)) if stacked
+                        else stage.end_epoch)
 
   predictor = Predictor(stage, mesh, config.eval.batch_size, on_device=config.data.on_device)
   metric = train_config.selection_metric or metrics_lib.PRIMARY_METRIC[spec.task]
@@ -499,24 +567,33 @@ def train_stage(stage: Stage, config, splits, spec, mesh, workdir: str, *,
       return
     first, terms = jax.device_get((accumulator["first_nonfinite_step"],
                                    accumulator["nonfinite_terms"]))
-    if int(first) == _NO_STEP:
+    first = np.ravel(first)
+    index = int(np.argmin(first))  # the seed that went non-finite first
+    if int(first[index]) == _NO_STEP:
       return
+    terms = _nonfinite_terms({k: np.ravel(v)[index] for k, v in terms.items()})
+    where = f"{tag} seed {seeds[index]}" if stacked else tag
     latest.wait_until_finished()
     good = latest.latest_step()
     checkpoint = (os.path.join(latest_path, str(good)) if good is not None else
                   f"none yet under {latest_path} (the first epoch had not finished)")
-    logger.write({"event": "nonfinite", "stage": tag, "step": int(first),
-                  "terms": _nonfinite_terms(terms), "checkpoint": checkpoint})
-    raise NonFiniteError(stage=tag, step=int(first), terms=_nonfinite_terms(terms),
+    logger.write({"event": "nonfinite", "stage": where, "step": int(first[index]),
+                  "terms": terms, "checkpoint": checkpoint})
+    raise NonFiniteError(stage=where, step=int(first[index]), terms=terms,
                          checkpoint=checkpoint)
 
-  start_epoch = int(state.epoch)
+  def epoch_rows(epoch):
+    if stacked:  # (steps, K, batch): step i draws every seed's own batch i
+      return np.stack([batcher.epoch_rows(seed, epoch) for seed in seeds], axis=1)
+    return batcher.epoch_rows(config.seed, epoch)
+
+  start_epoch = _host_int(state.epoch)
   # A run pre-empted mid-epoch resumes at the next step of that epoch's fixed order.
-  skip_steps = int(state.step) - start_epoch * steps_per_epoch
+  skip_steps = _host_int(state.step) - start_epoch * steps_per_epoch
   preemption = PreemptionGuard()
   try:
     for epoch in range(start_epoch, stage.num_epochs):
-      rows = batcher.epoch_rows(config.seed, epoch)[skip_steps:]
+      rows = epoch_rows(epoch)[skip_steps:]
       skip_steps = 0
       bar = tqdm.tqdm(rows, desc=f"{tag} epoch {epoch + 1}/{stage.num_epochs}",
                       disable=not train_config.progress or jax.process_index() != 0,
@@ -527,67 +604,90 @@ def train_stage(stage: Stage, config, splits, spec, mesh, workdir: str, *,
         if preemption.requested:
           _save(latest, _save_id(state, epoch_end=False), state)
           latest.wait_until_finished()
-          logger.write({"event": "preempted", "stage": tag, "step": int(state.step),
+          logger.write({"event": "preempted", "stage": tag, "step": _host_int(state.step),
                         "signal": preemption.signal_name})
-          raise Preempted(int(state.step), preemption.signal_name)
+          raise Preempted(_host_int(state.step), preemption.signal_name)
         accumulator = (_start_accumulator_jit(step_metrics) if accumulator is None
                        else _accumulate_jit(accumulator, step_metrics))
-        step = int(state.step)
+        step = _host_int(state.step)
         if step % train_config.log_every_steps == 0:
           check_finite(accumulator)
           host = jax.device_get(step_metrics)
           host.pop("nonfinite_step")
           rate = (bar.n + 1) * train_config.batch_size / max(time.time() - started, 1e-9)
-          bar.set_postfix(loss=f"{host['loss']:.4f}", samples_per_s=f"{rate:.0f}")
-          logger.write({"stage": tag, "step": step, "epoch": epoch,
-                        **{f"train/{k}": v for k, v in host.items()}})
-      epoch_means = {"loss": float("nan")}
+          bar.set_postfix(loss=f"{np.mean(host['loss']):.4f}", samples_per_s=f"{rate:.0f}")
+          for index, seed_logger in enumerate(seed_loggers):
+            seed_logger.write({"stage": tag, "step": step, "epoch": epoch,
+                               **{f"train/{k}": np.ravel(v)[index] for k, v in host.items()}})
+      epoch_sums = None
       if accumulator is not None:
         check_finite(accumulator)
-        sums = jax.device_get(accumulator["sums"])
-        epoch_means = {k: float(v) / len(rows) for k, v in sums.items()}
-        epoch_means["skipped_steps"] = int(round(float(sums["skipped"])))
+        epoch_sums = jax.device_get(accumulator["sums"])
       seconds = time.time() - started
 
       if end_epoch is not None:
         state = state.replace(method_state=end_epoch(state.method_state, jnp.int32(epoch)))
 
-      results = validate(predictor, state.params, state.method_state, splits["valid"], spec,
-                         scenarios=train_config.selection_scenarios, task_loss_fn=loss_of)
-      value = selection_value(results, metric)
-      val_loss = float(np.mean([r["loss"] for r in results.values()]))
-      improved = value > float(state.best_value)
-      if improved:
-        state = state.replace(best_value=jnp.float32(value), best_epoch=jnp.int32(epoch))
-      state = state.replace(epoch=jnp.int32(epoch + 1))
+      best_values = np.ravel(jax.device_get(state.best_value)).astype(np.float64)
+      best_epochs = np.ravel(jax.device_get(state.best_epoch)).copy()
+      improved = np.zeros(len(seeds), bool)
+      records = []
+      for index in range(len(seeds)):
+        params, method_state = ((_take_seed((state.params, state.method_state),
+                                            jnp.int32(index))) if stacked
+                                else (state.params, state.method_state))
+        results = validate(predictor, params, method_state, splits["valid"], spec,
+                           scenarios=train_config.selection_scenarios, task_loss_fn=loss_of)
+        value = selection_value(results, metric)
+        improved[index] = value > best_values[index]
+        if improved[index]:
+          best_values[index], best_epochs[index] = value, epoch
+        epoch_means = {"loss": float("nan")}
+        if epoch_sums is not None:
+          epoch_means = {k: float(np.ravel(v)[index]) / len(rows) for k, v in epoch_sums.items()}
+          epoch_means["skipped_steps"] = int(round(epoch_means["skipped"] * len(rows)))
+        val_loss = float(np.mean([r["loss"] for r in results.values()]))
+        records.append({
+            "stage": tag, "epoch": epoch + 1, "step": _host_int(state.step),
+            "epoch_seconds": seconds,
+            "samples_per_second": len(rows) * train_config.batch_size / max(seconds, 1e-9),
+            **{f"train/{k}": v for k, v in epoch_means.items()},
+            "val/loss": val_loss,
+            f"val/{metric}": float(np.mean([r[metric] for r in results.values()])),
+            **{f"val/{name}/{metric}": r[metric] for name, r in results.items()},
+            "selection": value, "best_epoch": int(best_epochs[index]) + 1})
+      state = state.replace(best_value=per_seed(best_values.astype(np.float32)),
+                            best_epoch=per_seed(best_epochs.astype(np.int32)),
+                            epoch=per_seed(np.full(len(seeds), epoch + 1, np.int32)))
       # Host-made scalars carry no mesh: lay them out like the step's output so that the
       # next epoch reuses the compiled step.
       state = parallel.replicate(state, mesh)
-      record = {"stage": tag, "epoch": epoch + 1, "step": int(state.step),
-                "epoch_seconds": seconds,
-                "samples_per_second": len(rows) * train_config.batch_size / max(seconds, 1e-9),
-                **{f"train/{k}": v for k, v in epoch_means.items()},
-                "val/loss": val_loss, f"val/{metric}": float(np.mean(
-                    [r[metric] for r in results.values()])),
-                **{f"val/{name}/{metric}": r[metric] for name, r in results.items()},
-                "selection": value, "best_epoch": int(state.best_epoch) + 1}
-      logger.write(record)
-      if jax.process_index() == 0 and train_config.progress:
-        tqdm.tqdm.write(f"[{tag}] epoch {epoch + 1}/{stage.num_epochs} "
-                        f"train loss {epoch_means['loss']:.4f} val loss {val_loss:.4f} "
-                        f"val {metric} {record[f'val/{metric}']:.4f}"
-                        + (" *" if improved else ""))
-      if improved:
-        _save(best, _save_id(state, epoch_end=True), state)
+      for index, (seed_logger, record) in enumerate(zip(seed_loggers, records, strict=True)):
+        seed_logger.write(record)
+        if jax.process_index() == 0 and train_config.progress:
+          tqdm.tqdm.write(f"[{tag}{f' seed {seeds[index]}' if stacked else ''}] epoch "
+                          f"{epoch + 1}/{stage.num_epochs} train loss "
+                          f"{record['train/loss']:.4f} val loss {record['val/loss']:.4f} "
+                          f"val {metric} {record[f'val/{metric}']:.4f}"
+                          + (" *" if improved[index] else ""))
+      if improved.any():
+        if stacked:
+          best_state = _select_seeds(jnp.asarray(improved), state,
+                                     state if best_state is None else best_state)
+        _save(best, _save_id(state, epoch_end=True), best_state if stacked else state)
       _save(latest, _save_id(state, epoch_end=True), state)
       latest.wait_until_finished()
       best.wait_until_finished()
     if preemption.requested:  # arrived during validation or saving: all is on disk
-      raise Preempted(int(state.step), preemption.signal_name)
+      raise Preempted(_host_int(state.step), preemption.signal_name)
   finally:
     preemption.restore()
     latest.close()
     best.close()
+  if stacked:
+    best_state = state if best_state is None else best_state
+    _save_seed_checkpoints(state, best_state, stage, seed_workdirs)
+    return best_state.params, best_state.method_state
   final = restore_latest(best_path, state) or state
   return final.params, final.method_state
 

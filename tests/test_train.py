@@ -5,11 +5,12 @@ import importlib.util
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 from conftest import REPO
 
-from mer_jax import train
+from mer_jax import train, trainer
 
 
 def load_config(name="dqf_mosei.py", arg="tiny"):
@@ -112,3 +113,19 @@ def test_several_seeds_each_equal_their_single_seed_run(tmp_path):
   half_width = 12.706 * np.std(mae, ddof=1) / np.sqrt(2)  # t(0.975, 1 dof)
   assert results["LAV"]["mae_ci95"] == pytest.approx(half_width, rel=1e-3)
   assert os.path.exists(tmp_path / "seeds" / "eval" / "results.csv")
+  # One program trained both: its stacked checkpoint holds a leading axis of 2 seeds, and
+  # each seed folder holds the checkpoints of a single-seed run, equal to the real one's.
+  stacked = trainer.restore_latest(trainer.checkpoint_dir(str(tmp_path / "seeds"), "", "latest"),
+                                   None)
+  assert all(x.shape[0] == 2 for x in jax.tree.leaves(stacked["params"]))
+  from_seeds = trainer.restore_latest(
+      trainer.checkpoint_dir(str(tmp_path / "seeds" / "seed1"), "", "best"), None)
+  from_single = trainer.restore_latest(trainer.checkpoint_dir(str(tmp_path / "single"), "",
+                                                              "best"), None)
+  assert int(from_seeds["best_epoch"]) == int(from_single["best_epoch"])
+  # Adam turns rounding-level gradient differences of near-zero parameters into
+  # learning-rate-sized steps, so the tolerance is absolute at the scale of an update.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
+               from_seeds["params"], from_single["params"])
+  assert [r["val/loss"] for r in epoch_records(str(tmp_path / "seeds" / "seed1"))] == (
+      pytest.approx([r["val/loss"] for r in epoch_records(str(tmp_path / "single"))], abs=1e-6))

@@ -48,10 +48,10 @@ def device_arrays(split: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 @functools.cache
-def _sharded_gather(mesh):
+def _sharded_gather(mesh, batch_axis: int):
   """One compiled gather per mesh (and per shapes), shared by every Batcher."""
   return jax.jit(lambda data, rows: jax.tree.map(lambda x: x[rows], data),
-                 out_shardings=parallel.data_sharding(mesh))
+                 out_shardings=parallel.data_sharding(mesh, batch_axis))
 
 
 class Batcher:
@@ -98,7 +98,12 @@ class Batcher:
     return rows.reshape(steps, self.batch_size)
 
   def batch(self, rows: np.ndarray) -> dict[str, jax.Array]:
+    """The rows' arrays on the mesh, sharded along the last axis of `rows`: (B,) rows
+    give a batch, (K, B) rows give K seeds' batches stacked on a leading axis."""
+    rows = np.asarray(rows)
+    batch_axis = rows.ndim - 1
     if self.on_device:
-      rows = jax.device_put(rows, parallel.data_sharding(self.mesh))
-      return _sharded_gather(self.mesh)(self._resident, rows)
-    return parallel.shard_batch({k: v[rows] for k, v in self.arrays.items()}, self.mesh)
+      rows = jax.device_put(rows, parallel.data_sharding(self.mesh, batch_axis))
+      return _sharded_gather(self.mesh, batch_axis)(self._resident, rows)
+    return parallel.shard_batch({k: v[rows] for k, v in self.arrays.items()}, self.mesh,
+                                batch_axis)
