@@ -11,7 +11,10 @@ methods the last stage (the student, teacher forward included) is measured.
 Ratios measured in the same run: `eval_batched_speedup`, the 7 fixed combinations
 evaluated one compiled call per scenario against all in one vmapped call, and
 `input_wait_fraction`, the on-device batch gather timed alone over the train step (an
-upper bound on the wait: the gather is dispatched asynchronously ahead of the step).
+upper bound on the wait: the gather is dispatched asynchronously ahead of the step), and
+with `--config.num_seeds=K`, `seeds_time_ratio`: the step of K seeds stacked in one
+vmapped program over the step of one seed (K when compute-bound, less when one seed
+leaves the device idle).
 """
 
 from __future__ import annotations
@@ -101,6 +104,28 @@ def run_benchmark(config, *, steps: int = 10, repeats: int = 3) -> dict:
   gather_batches()
   input_seconds = float(np.median(_timed(gather_batches, repeats))) / steps
 
+  # K seeds in one vmapped step (`config.num_seeds`) against one seed's step.
+  seeds_seconds = None
+  if config.num_seeds > 1:
+    seed_keys = jax.random.split(key, config.num_seeds)
+    stacked = jax.jit(jax.vmap(lambda k: init_train_state(stage, tx, example, k)))(seed_keys)
+    stacked = parallel.replicate(stacked, mesh)
+    teachers = jax.tree.map(lambda x: jnp.stack([x] * config.num_seeds),
+                            (context.frozen, context.frozen_state))
+    seeds_step = make_train_step(stage, tx, seed_keys, StageContext(*teachers), mesh,
+                                 seed_axis=True)
+    seed_rows = np.stack([rows] * config.num_seeds, axis=1)
+
+    def run_seed_steps():
+      nonlocal stacked
+      for i in range(steps):
+        stacked, metrics = seeds_step(stacked, batcher.batch(seed_rows[i % len(rows)]))
+      return metrics
+
+    run_seed_steps()
+    seeds_seconds = float(np.median(_timed(run_seed_steps, repeats))) / steps
+    del stacked
+
   predictor = Predictor(stage, mesh, config.eval.batch_size, on_device=config.data.on_device)
   split = splits["test"]
   full = missing.fixed_modality_mask(len(split["label"]), 6)
@@ -140,6 +165,8 @@ def run_benchmark(config, *, steps: int = 10, repeats: int = 3) -> dict:
       "eval_fixed_scenarios_seconds_batched": scenario_seconds[7],
       "eval_batched_speedup": scenario_seconds[1] / scenario_seconds[7],
       "input_wait_fraction": input_seconds / median,
+      "num_seeds": config.num_seeds,
+      "seeds_time_ratio": seeds_seconds / median if seeds_seconds else None,
       "train_step_flops": flops,
       "train_flops_per_second": flops / median if flops else None,
       "matmul_flops_per_second": matmul_rate,

@@ -18,6 +18,9 @@ def test_benchmark_reports_every_field(config_file):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config("tiny")
+  with_seeds = config_file == "mcur_mosei.py"  # stacked seeds, stacked teachers included
+  if with_seeds:
+    config.num_seeds = 2
   record = run_benchmark(config, steps=2, repeats=2)
   for name in ("compile_seconds", "train_steps_per_second", "train_samples_per_second",
                "eval_samples_per_second", "matmul_flops_per_second", "train_step_flops",
@@ -34,3 +37,8 @@ def test_benchmark_reports_every_field(config_file):
                       / record["eval_fixed_scenarios_seconds_batched"])
   assert record["num_params"] > 1000 and record["num_devices"] == 4
   assert record["method"] == config.method and record["backend"] == "cpu"
+  if with_seeds:
+    assert record["num_seeds"] == 2
+    assert math.isfinite(record["seeds_time_ratio"]) and record["seeds_time_ratio"] > 0
+  else:
+    assert record["seeds_time_ratio"] is None
