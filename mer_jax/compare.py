@@ -5,9 +5,9 @@ r"""Compares methods on one dataset: K seeds each, one evaluation protocol, one 
 
 `--dataset` is a config suffix (`configs/<method>_<dataset>.py`) with an optional variant
 (`mosei`, `mosei:synthetic`, `iemocap:tiny`). Method m trains in `DIR/<m>/seed{s}` through
-`mer_jax.train.run` (each seed its own resumable run) and `DIR/<m>/eval/` holds the mean and
-95% interval over seeds, exactly as a `--config.num_seeds=K` run. Starting again with the
-same workdir trains and evaluates only what is missing.
+`mer_jax.train.run`: a `--config.num_seeds=K` run (the K seeds in one vmapped program) whose
+`DIR/<m>/eval/` holds the mean and 95% interval over seeds. Starting again with the same
+workdir trains and evaluates only what is missing (seed by seed once some have finished).
 
 How each method's config is made (`method_config`):
 
@@ -292,15 +292,25 @@ def run_seeds(config, workdir: str, seeds: int, *, allow_config_change: bool = F
               title: str = "") -> dict:
   """K seeds of `config` in `workdir/seed{s}`, each trained only when its results are
   missing, aggregated by `evaluate.aggregate_seeds` into `workdir/eval/` (the layout of a
-  `num_seeds=K` run of `mer_jax.train`). Returns the aggregated results."""
+  `num_seeds=K` run of `mer_jax.train`). Returns the aggregated results.
+
+  When no seed has finished, all K train at once in one vmapped program (that
+  `num_seeds=K` run, which also resumes); otherwise the missing ones train one by one.
+  """
+  run_config = copy.deepcopy(config)
+  with run_config.unlocked():
+    run_config.num_seeds = seeds
+  singles = train.seed_configs(run_config)
+  seed_dirs = [os.path.join(workdir, f"seed{c.seed}") for c in singles]
+  finished = [finished_results(c, d) for c, d in zip(singles, seed_dirs, strict=True)]
+  if seeds > 1 and all(results is None for results in finished):
+    started = time.time()
+    train.run(run_config, workdir, allow_config_change=allow_config_change)
+    logging.info("%s: %d seeds trained at once and evaluated in %.0f s", workdir, seeds,
+                 time.time() - started)
+    finished = [finished_results(c, d) for c, d in zip(singles, seed_dirs, strict=True)]
   per_seed = {}
-  for offset in range(seeds):
-    seed_config = copy.deepcopy(config)
-    with seed_config.unlocked():
-      seed_config.seed = config.seed + offset
-      seed_config.num_seeds = 1
-    seed_dir = os.path.join(workdir, f"seed{seed_config.seed}")
-    results = finished_results(seed_config, seed_dir)
+  for seed_config, seed_dir, results in zip(singles, seed_dirs, finished, strict=True):
     if results is not None:
       logging.info("%s: finished with this config, results reused", seed_dir)
     else:
@@ -312,9 +322,6 @@ def run_seeds(config, workdir: str, seeds: int, *, allow_config_change: bool = F
     per_seed[seed_config.seed] = results
   aggregated = evaluate.aggregate_seeds(per_seed)
   if jax.process_index() == 0:
-    run_config = copy.deepcopy(config)
-    with run_config.unlocked():
-      run_config.num_seeds = seeds
     os.makedirs(workdir, exist_ok=True)
     train.write_config(run_config, workdir)
     evaluate.write_results(os.path.join(workdir, "eval"), aggregated)
