@@ -1,5 +1,8 @@
-"""Small shared fixtures for tests: a tiny DataSpec and a random batch in the layout."""
+"""Small shared fixtures for tests: a tiny DataSpec, a random batch in the layout and a
+toy model for trainer tests."""
 
+import flax.linen as nn
+import jax.numpy as jnp
 import numpy as np
 
 from mer_jax.data.spec import DataSpec
@@ -31,3 +34,23 @@ def random_batch(spec, batch_size=4, seed=0, real_lengths=None):
   else:
     batch["label"] = rng.integers(0, 2, (batch_size, spec.num_classes)).astype(np.int32)
   return batch
+
+
+class Toy(nn.Module):
+  """Masked mean of each modality -> Dense -> regression output; with `log_output` the
+  output is log(mean of the first text feature), NaN where that mean is negative."""
+
+  log_output: bool = False
+
+  @nn.compact
+  def __call__(self, batch, train=False):
+    del train
+    pooled = []
+    for name in ("text", "audio", "vision"):
+      mask = batch[f"{name}_mask"][..., None]
+      pooled.append((batch[name] * mask).sum(1) / jnp.maximum(mask.sum(1), 1))
+    embedding = nn.Dense(4)(jnp.concatenate(pooled, axis=-1))
+    output = nn.Dense(1)(embedding)[:, 0]
+    if self.log_output:
+      output = jnp.log(pooled[0][:, 0]) + 0.0 * output
+    return {"output": output, "embedding": embedding}

@@ -8,14 +8,13 @@ import json
 import os
 import signal
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from conftest import REPO
-from helpers import random_batch, tiny_spec
+from helpers import Toy, random_batch, tiny_spec
 
 from mer_jax import config_lib, parallel, predict, train, trainer
 from mer_jax.data.pipeline import Batcher
@@ -31,26 +30,6 @@ def load_config(name="dqf_mosei.py", arg="tiny"):
 
 
 POISON_ROW = 5  # the training sample whose loss term goes NaN from the second epoch on
-
-
-class Toy(nn.Module):
-  """Masked mean of each modality -> Dense -> regression output; with `log_output` the
-  output is log(mean of the first text feature), NaN where that mean is negative."""
-
-  log_output: bool = False
-
-  @nn.compact
-  def __call__(self, batch, train=False):
-    del train
-    pooled = []
-    for name in ("text", "audio", "vision"):
-      mask = batch[f"{name}_mask"][..., None]
-      pooled.append((batch[name] * mask).sum(1) / jnp.maximum(mask.sum(1), 1))
-    embedding = nn.Dense(4)(jnp.concatenate(pooled, axis=-1))
-    output = nn.Dense(1)(embedding)[:, 0]
-    if self.log_output:
-      output = jnp.log(pooled[0][:, 0]) + 0.0 * output
-    return {"output": output, "embedding": embedding}
 
 
 def toy_stage(log_output=False):

@@ -6,12 +6,11 @@ bit-exactly; a non-finite step names the seed it came from."""
 import json
 import os
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import random_batch, tiny_spec
+from helpers import Toy, random_batch, tiny_spec
 
 from mer_jax import config_lib, parallel, trainer
 from mer_jax.methods.base import Stage, StageContext
@@ -19,20 +18,6 @@ from mer_jax.methods.base import Stage, StageContext
 SPEC = tiny_spec("regression")
 SEEDS = 3
 POISON_ROW = 5
-
-
-class Toy(nn.Module):
-  """Masked mean of each modality -> Dense -> Dense: a regression output."""
-
-  @nn.compact
-  def __call__(self, batch, train=False):
-    del train
-    pooled = []
-    for name in ("text", "audio", "vision"):
-      mask = batch[f"{name}_mask"][..., None]
-      pooled.append((batch[name] * mask).sum(1) / jnp.maximum(mask.sum(1), 1))
-    embedding = nn.Dense(4)(jnp.concatenate(pooled, axis=-1))
-    return {"output": nn.Dense(1)(embedding)[:, 0], "embedding": embedding}
 
 
 def toy_stage(name="", *, student=False, poison=False):
