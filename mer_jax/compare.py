@@ -73,8 +73,6 @@ HEADLINE_METRICS = {
 TASK_FIELDS = ("train.selection_metric",)
 # Fields that change nothing a finished run computed (num_epochs does: more epochs
 # resume training), ignored when deciding whether a seed's results can be reused.
-NO_EFFECT_FIELDS = ("data.spec",) + tuple(f for f in train.RESUMABLE_CHANGES
-                                          if f != "train.num_epochs")
 CATEGORICAL_TASKS = ("classification", "multilabel_binary")
 AVG_ROW, AUILC_ROW = "Avg", "AUILC"
 DIGITS = 4
@@ -253,41 +251,6 @@ def default_methods(dataset: str, variant: str = "", *, config_dir: str = CONFIG
 # ----------------------------------------------------------------------------- runs
 
 
-def _flatten(tree: Mapping, prefix: str = "") -> dict:
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, Mapping):
-      flat.update(_flatten(value, f"{prefix}{key}."))
-    else:
-      flat[f"{prefix}{key}"] = value
-  return flat
-
-
-def _comparable(config_json: Mapping) -> dict:
-  return {k: v for k, v in _flatten(config_json).items()
-          if not any(k == f or k.startswith(f + ".") for f in NO_EFFECT_FIELDS)}
-
-
-def _read_json(path: str):
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
-
-
-def finished_results(config, seed_dir: str) -> dict | None:
-  """The evaluation results of a seed run that finished with this config (fields that
-  change no result aside), or None when it must be trained or evaluated."""
-  saved = _read_json(os.path.join(seed_dir, "config.json"))
-  results = _read_json(os.path.join(seed_dir, "eval", "results.json"))
-  if saved is None or results is None:
-    return None
-  if _comparable(saved) != _comparable(json.loads(config.to_json_best_effort())):
-    return None
-  return results
-
-
 def run_seeds(config, workdir: str, seeds: int, *, allow_config_change: bool = False,
               title: str = "") -> dict:
   """K seeds of `config` in `workdir/seed{s}`, each trained only when its results are
@@ -302,13 +265,13 @@ def run_seeds(config, workdir: str, seeds: int, *, allow_config_change: bool = F
     run_config.num_seeds = seeds
   singles = train.seed_configs(run_config)
   seed_dirs = [os.path.join(workdir, f"seed{c.seed}") for c in singles]
-  finished = [finished_results(c, d) for c, d in zip(singles, seed_dirs, strict=True)]
+  finished = [train.finished_results(c, d) for c, d in zip(singles, seed_dirs, strict=True)]
   if seeds > 1 and all(results is None for results in finished):
     started = time.time()
     train.run(run_config, workdir, allow_config_change=allow_config_change)
     logging.info("%s: %d seeds trained at once and evaluated in %.0f s", workdir, seeds,
                  time.time() - started)
-    finished = [finished_results(c, d) for c, d in zip(singles, seed_dirs, strict=True)]
+    finished = [train.finished_results(c, d) for c, d in zip(singles, seed_dirs, strict=True)]
   per_seed = {}
   for seed_config, seed_dir, results in zip(singles, seed_dirs, finished, strict=True):
     if results is not None:

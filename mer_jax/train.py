@@ -4,7 +4,8 @@ the run outputs of SPEC section 10.
     python -m mer_jax.train --config configs/dqf_mosei.py:synthetic --workdir /tmp/run
 
 Overrides use the config names: `--config.train.num_epochs=3`. Starting again with
-the same workdir resumes from the latest checkpoint (a finished stage is skipped).
+the same workdir resumes from the latest checkpoint (a finished stage is skipped; a
+finished run with the same config returns its saved results).
 """
 
 from __future__ import annotations
@@ -58,6 +59,37 @@ def _flatten(tree, prefix=""):
   return flat
 
 
+# Fields that change no result of a finished run (a run with only these changed is
+# finished; the number of epochs is not among them).
+NO_EFFECT_FIELDS = ("data.spec",) + tuple(f for f in RESUMABLE_CHANGES if f != "train.num_epochs")
+
+
+def _comparable(config_json) -> dict:
+  return {k: v for k, v in _flatten(config_json).items()
+          if not any(k == f or k.startswith(f + ".") for f in NO_EFFECT_FIELDS)}
+
+
+def _read_json(path: str):
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def finished_results(config, workdir: str) -> dict | None:
+  """The evaluation results of a run in `workdir` that finished with this config (fields
+  that change no result aside, evaluation settings included), or None when something
+  must still be trained or evaluated."""
+  saved = _read_json(os.path.join(workdir, "config.json"))
+  results = _read_json(os.path.join(workdir, "eval", "results.json"))
+  if saved is None or results is None:
+    return None
+  if _comparable(saved) != _comparable(json.loads(config.to_json_best_effort())):
+    return None
+  return results
+
+
 def check_workdir(config, workdir: str, *, allow_config_change: bool = False):
   """Refuses to resume a run whose saved config differs in anything that changes
   results (an accidental reuse of a workdir), unless explicitly allowed."""
@@ -96,6 +128,11 @@ def run(config, workdir: str, *, allow_config_change: bool = False) -> dict:
   # Every check that needs no data runs before loading and compiling anything.
   config_lib.validate_config(config)
   check_workdir(config, workdir, allow_config_change=allow_config_change)
+  results = finished_results(config, workdir)
+  if results is not None:
+    JsonlLogger(workdir).write({"event": "finished", "note": "eval/results.json reused"})
+    logging.info("%s: finished with this config; its results are reused", workdir)
+    return results
   data = pipeline.load_data(config.data)
   config_lib.validate_config(config, data[1], num_train=len(data[0]["train"]["label"]))
   if config.num_seeds > 1:

@@ -57,13 +57,24 @@ def test_run_writes_every_output(finished_run):
   assert len(epoch_records(workdir)) == 2
 
 
-def test_restarting_a_finished_run_resumes_instead_of_retraining(finished_run):
+def test_restarting_a_finished_run_resumes_instead_of_retraining(finished_run, monkeypatch):
   workdir, results = finished_run
   before = len(epoch_records(workdir))
+  # Same config: the saved results, without loading data or compiling anything.
+  monkeypatch.setattr(train.pipeline, "load_data", lambda *a: pytest.fail("data loaded"))
   again = train.run(load_config(), workdir)
+  assert set(again) == set(results) and again["LAV"] == results["LAV"]
+  assert read_log(workdir)[-1]["event"] == "finished"
+  monkeypatch.undo()
+  # Another evaluation protocol: the trained stages are resumed, not retrained, and the
+  # run is evaluated again.
+  config = load_config()
+  config.eval.missing_rates = (0.5,)
+  again = train.run(config, workdir)
   assert len(epoch_records(workdir)) == before  # no epoch trained twice
   assert any(r.get("event") == "resume" for r in read_log(workdir))
   assert again["LAV"] == results["LAV"]
+  assert "MR0.5" in again and "MR0.3" not in again
 
 
 def test_interrupted_run_continues_from_its_last_epoch(tmp_path):
