@@ -33,6 +33,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.method = ""
   config.seed = 0
   config.num_seeds = 1
+  # num_seeds > 1: train the seeds stacked in one vmapped program (accelerators), or one
+  # after another (False; on a 2-core CPU the stacked step measured 1.4x slower than K
+  # single steps, docs/performance.md). Each seed's results are the same either way.
+  config.seeds_in_one_program = True
   config.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
   config.num_devices = 0  # 0 = every visible device.
 

@@ -124,6 +124,7 @@ def run(config, workdir: str, *, allow_config_change: bool = False) -> dict:
   gets a run folder `workdir/seed{s}` identical to a single-seed run with that seed
   (checkpoints, log, evaluation), and `workdir/eval/` reports their mean and 95% interval
   per metric. The stacked state is checkpointed in `workdir/checkpoints/` (resume).
+  `config.seeds_in_one_program = False` trains the seeds one after another instead.
   """
   # Every check that needs no data runs before loading and compiling anything.
   config_lib.validate_config(config)
@@ -190,12 +191,31 @@ def seed_configs(config) -> list:
 
 
 def _run_seeds(config, workdir: str, data, allow_config_change: bool) -> dict:
-  """K seeds trained at once (vmapped, `trainer.train_stage` with `seed_workdirs`) into
-  `workdir/seed{s}` run folders, each evaluated, then aggregated into `workdir/eval`."""
+  """K seeds trained into `workdir/seed{s}` run folders, each evaluated, then aggregated
+  into `workdir/eval`."""
   splits, spec = data
   _start(config, workdir, spec, allow_config_change)
   singles = seed_configs(config)
   seed_dirs = [os.path.join(workdir, f"seed{c.seed}") for c in singles]
+  if config.seeds_in_one_program:
+    per_seed = _train_stacked(config, workdir, singles, seed_dirs, data, allow_config_change)
+  else:
+    per_seed = {seed_config.seed: _run_one(seed_config, seed_dir, data, allow_config_change)
+                for seed_config, seed_dir in zip(singles, seed_dirs, strict=True)}
+  results = evaluate.aggregate_seeds(per_seed)
+  if jax.process_index() == 0:
+    evaluate.write_results(os.path.join(workdir, "eval"), results)
+    evaluate.plot_robustness(os.path.join(workdir, "eval", "robustness.png"), results,
+                             spec.task, title=f"{config.method} on {config.data.name}, "
+                             f"mean of {config.num_seeds} seeds")
+  return results
+
+
+def _train_stacked(config, workdir: str, singles, seed_dirs, data,
+                   allow_config_change: bool) -> dict:
+  """The seeds trained at once (vmapped, `trainer.train_stage` with `seed_workdirs`),
+  then each evaluated; returns {seed: results}."""
+  splits, spec = data
   for seed_config, seed_dir in zip(singles, seed_dirs, strict=True):
     _start(seed_config, seed_dir, spec, allow_config_change)
   mesh = parallel.make_mesh(config.num_devices)
@@ -210,16 +230,9 @@ def _run_seeds(config, workdir: str, data, allow_config_change: bool) -> dict:
                                        stage_index=index, context=context, logger=logger,
                                        seed_workdirs=seed_dirs)
     context = StageContext(frozen=params, frozen_state=method_state)
-  per_seed = {seed_config.seed: _evaluate(seed_config, seed_dir, data, mesh, seed_logger)
-              for seed_config, seed_dir, seed_logger in zip(singles, seed_dirs, seed_loggers,
-                                                            strict=True)}
-  results = evaluate.aggregate_seeds(per_seed)
-  if jax.process_index() == 0:
-    evaluate.write_results(os.path.join(workdir, "eval"), results)
-    evaluate.plot_robustness(os.path.join(workdir, "eval", "robustness.png"), results,
-                             spec.task, title=f"{config.method} on {config.data.name}, "
-                             f"mean of {config.num_seeds} seeds")
-  return results
+  return {seed_config.seed: _evaluate(seed_config, seed_dir, data, mesh, seed_logger)
+          for seed_config, seed_dir, seed_logger in zip(singles, seed_dirs, seed_loggers,
+                                                        strict=True)}
 
 
 def main(argv):

@@ -109,11 +109,14 @@ def test_several_seeds_each_equal_their_single_seed_run(tmp_path):
   config.eval.missing_rates = ()
   config.eval.frame_rates = ()
   results = train.run(config, str(tmp_path / "seeds"))
-  single = load_config()
-  single.seed = 1
-  single.eval.missing_rates = ()
-  single.eval.frame_rates = ()
-  alone = train.run(single, str(tmp_path / "single"))
+  # One after another: each seed is a plain single-seed run in its folder.
+  config.seeds_in_one_program = False
+  one_by_one = train.run(config, str(tmp_path / "one_by_one"))
+  alone = one_by_one["seeds"]["1"]
+  with open(tmp_path / "one_by_one" / "seed1" / "config.json") as f:
+    assert json.load(f)["seed"] == 1
+  assert not os.path.exists(tmp_path / "one_by_one" / "checkpoints")  # nothing stacked
+  assert one_by_one["LAV"] == pytest.approx(results["LAV"], abs=1e-6)
   seeds = results["seeds"]
   assert set(seeds) == {"0", "1"}
   assert seeds["0"]["LAV"] != seeds["1"]["LAV"]  # different seeds, different models
@@ -131,12 +134,12 @@ def test_several_seeds_each_equal_their_single_seed_run(tmp_path):
   assert all(x.shape[0] == 2 for x in jax.tree.leaves(stacked["params"]))
   from_seeds = trainer.restore_latest(
       trainer.checkpoint_dir(str(tmp_path / "seeds" / "seed1"), "", "best"), None)
-  from_single = trainer.restore_latest(trainer.checkpoint_dir(str(tmp_path / "single"), "",
-                                                              "best"), None)
+  single_dir = str(tmp_path / "one_by_one" / "seed1")
+  from_single = trainer.restore_latest(trainer.checkpoint_dir(single_dir, "", "best"), None)
   assert int(from_seeds["best_epoch"]) == int(from_single["best_epoch"])
   # Adam turns rounding-level gradient differences of near-zero parameters into
   # learning-rate-sized steps, so the tolerance is absolute at the scale of an update.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
                from_seeds["params"], from_single["params"])
   assert [r["val/loss"] for r in epoch_records(str(tmp_path / "seeds" / "seed1"))] == (
-      pytest.approx([r["val/loss"] for r in epoch_records(str(tmp_path / "single"))], abs=1e-6))
+      pytest.approx([r["val/loss"] for r in epoch_records(single_dir)], abs=1e-6))
