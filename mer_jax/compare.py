@@ -71,8 +71,6 @@ HEADLINE_METRICS = {
 # Fields that depend on the dataset's task rather than on the method; borrowed, with
 # the data section, from the dataset's reference config.
 TASK_FIELDS = ("train.selection_metric",)
-# Fields that change nothing a finished run computed (num_epochs does: more epochs
-# resume training), ignored when deciding whether a seed's results can be reused.
 CATEGORICAL_TASKS = ("classification", "multilabel_binary")
 AVG_ROW, AUILC_ROW = "Avg", "AUILC"
 DIGITS = 4

@@ -589,7 +589,8 @@ def train_stage(stage: Stage, config, splits, spec, mesh, workdir: str, *,
 
   start_epoch = _host_int(state.epoch)
   # A run pre-empted mid-epoch resumes at the next step of that epoch's fixed order.
-  skip_steps = _host_int(state.step) - start_epoch * steps_per_epoch
+  step = _host_int(state.step)
+  skip_steps = step - start_epoch * steps_per_epoch
   preemption = PreemptionGuard()
   try:
     for epoch in range(start_epoch, stage.num_epochs):
@@ -609,7 +610,9 @@ def train_stage(stage: Stage, config, splits, spec, mesh, workdir: str, *,
           raise Preempted(_host_int(state.step), preemption.signal_name)
         accumulator = (_start_accumulator_jit(step_metrics) if accumulator is None
                        else _accumulate_jit(accumulator, step_metrics))
-        step = _host_int(state.step)
+        # Counted on the host (every step, skipped or not, advances state.step): reading
+        # state.step would wait for the step to finish instead of queueing the next.
+        step += 1
         if step % train_config.log_every_steps == 0:
           check_finite(accumulator)
           host = jax.device_get(step_metrics)
@@ -644,11 +647,12 @@ def train_stage(stage: Stage, config, splits, spec, mesh, workdir: str, *,
           best_values[index], best_epochs[index] = value, epoch
         epoch_means = {"loss": float("nan")}
         if epoch_sums is not None:
-          epoch_means = {k: float(np.ravel(v)[index]) / len(rows) for k, v in epoch_sums.items()}
-          epoch_means["skipped_steps"] = int(round(epoch_means["skipped"] * len(rows)))
+          seed_sums = {k: float(np.ravel(v)[index]) for k, v in epoch_sums.items()}
+          epoch_means = {k: v / len(rows) for k, v in seed_sums.items()}
+          epoch_means["skipped_steps"] = int(round(seed_sums["skipped"]))
         val_loss = float(np.mean([r["loss"] for r in results.values()]))
         records.append({
-            "stage": tag, "epoch": epoch + 1, "step": _host_int(state.step),
+            "stage": tag, "epoch": epoch + 1, "step": step,
             "epoch_seconds": seconds,
             "samples_per_second": len(rows) * train_config.batch_size / max(seconds, 1e-9),
             **{f"train/{k}": v for k, v in epoch_means.items()},
