@@ -174,14 +174,18 @@ KILL_DURING_SAVE = textwrap.dedent("""
     def save(self, step, *args, **kwargs):
       directory = str(self.directory)
       had_latest = bool(self.all_steps())
-      result = original(self, step, *args, **kwargs)
-      if directory.endswith("best"):
-        best_ids.append(step)
-      elif had_latest and best_ids and best_ids[-1] == step:
+      target = had_latest and best_ids and best_ids[-1] == step and directory.endswith("latest")
+      if target:
+        # Wait for `best` to commit before the `latest` write starts, then kill right
+        # after it started: waiting after it would give the write time to finish.
         best = os.path.join(os.path.dirname(directory), "best", str(step))
         deadline = time.time() + 300
         while not os.path.isdir(best) and time.time() < deadline:
           time.sleep(0.001)
+      result = original(self, step, *args, **kwargs)
+      if directory.endswith("best"):
+        best_ids.append(step)
+      elif target:
         with open(os.path.join(os.path.dirname(os.path.dirname(directory)), "killed.json"),
                   "w") as f:
           json.dump({"id": step, "latest": sorted(os.listdir(directory)),
