@@ -66,7 +66,7 @@ def run_benchmark(config, *, steps: int = 10, repeats: int = 3) -> dict:
   mesh = parallel.make_mesh(config.num_devices)
   stages = build_stages(config, spec)
   batcher = pipeline.Batcher(splits["train"], config.train.batch_size, mesh,
-                             on_device=config.data.on_device)
+                             **pipeline.placement(config.data))
   example = {k: v[:2] for k, v in batcher.arrays.items()}
   key = jax.random.key(config.seed)
   context = StageContext()
@@ -126,7 +126,7 @@ def run_benchmark(config, *, steps: int = 10, repeats: int = 3) -> dict:
     seeds_seconds = float(np.median(_timed(run_seed_steps, repeats))) / steps
     del stacked
 
-  predictor = Predictor(stage, mesh, config.eval.batch_size, on_device=config.data.on_device)
+  predictor = Predictor(stage, mesh, config.eval.batch_size, **pipeline.placement(config.data))
   split = splits["test"]
   full = missing.fixed_modality_mask(len(split["label"]), 6)
   predict = lambda: predictor.predict_split(state.params, state.method_state, split,

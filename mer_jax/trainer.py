@@ -28,7 +28,7 @@ import tqdm
 from mer_jax import metrics as metrics_lib
 from mer_jax import parallel
 from mer_jax.data import missing
-from mer_jax.data.pipeline import Batcher
+from mer_jax.data.pipeline import DEVICE_MEMORY_SHARE, Batcher, placement
 from mer_jax.methods.base import Stage, StageContext
 
 
@@ -274,11 +274,13 @@ class Predictor:
   dispatches instead of a Python loop of them.
   """
 
-  def __init__(self, stage: Stage, mesh, batch_size: int, *, on_device: bool):
+  def __init__(self, stage: Stage, mesh, batch_size: int, *, on_device: bool,
+               device_memory_share: float = DEVICE_MEMORY_SHARE):
     self.stage = stage
     self.mesh = mesh
     self.batch_size = batch_size
     self.on_device = on_device
+    self.device_memory_share = device_memory_share
     self._cached = None
 
     def one_scenario(params, method_state, batch, modality_mask, frame_rates, noise_intensity,
@@ -303,7 +305,8 @@ class Predictor:
   def _batcher(self, split: Mapping[str, np.ndarray]) -> Batcher:
     # One resident copy per split, reused by every scenario evaluated on it.
     if self._cached is None or self._cached[0] is not split:
-      self._cached = (split, Batcher(split, self.batch_size, self.mesh, on_device=self.on_device))
+      self._cached = (split, Batcher(split, self.batch_size, self.mesh, on_device=self.on_device,
+                                     device_memory_share=self.device_memory_share))
     return self._cached[1]
 
   def predict_scenarios(self, params, method_state, split: Mapping[str, np.ndarray], *,
@@ -329,8 +332,8 @@ class Predictor:
     frame_rates = jnp.asarray(frame_rates, jnp.float32).reshape(num_scenarios, 3)
     noise_intensities = jnp.asarray(noise_intensities, jnp.float32).reshape(num_scenarios)
     chunks = []
-    for i, rows in enumerate(batcher.ordered_rows()):
-      batch = batcher.batch(rows)
+    ordered = batcher.ordered_rows()
+    for i, (rows, batch) in enumerate(zip(ordered, batcher.batches(ordered), strict=True)):
       batch.pop("index")
       batch["scenario_modality_mask"] = parallel.shard_batch(modality_masks[rows], self.mesh)
       chunks.append(self._forward(params, method_state, batch, frame_rates, noise_intensities,
@@ -520,8 +523,7 @@ def train_stage(stage: Stage, config, splits, spec, mesh, workdir: str, *,
   per_seed = (lambda values: jnp.asarray(np.asarray(values))) if stacked else (
       lambda values: jnp.asarray(values[0]))
   tag = stage.name or config.method
-  batcher = Batcher(splits["train"], train_config.batch_size, mesh,
-                    on_device=config.data.on_device)
+  batcher = Batcher(splits["train"], train_config.batch_size, mesh, **placement(config.data))
   steps_per_epoch = batcher.steps_per_epoch()
   tx = make_optimizer(train_config, steps_per_epoch, stage.num_epochs)
 
@@ -554,7 +556,7 @@ def train_stage(stage: Stage, config, splits, spec, mesh, workdir: str, *,
     end_epoch = jax.jit(jax.vmap(stage.end_epoch, in_axes=(0, None)) if stacked
                         else stage.end_epoch)
 
-  predictor = Predictor(stage, mesh, config.eval.batch_size, on_device=config.data.on_device)
+  predictor = Predictor(stage, mesh, config.eval.batch_size, **placement(config.data))
   metric = train_config.selection_metric or metrics_lib.PRIMARY_METRIC[spec.task]
   loss_of = lambda out, lab: np.asarray(task_loss(jnp.asarray(out), jnp.asarray(lab), spec.task))
 
@@ -596,12 +598,13 @@ def train_stage(stage: Stage, config, splits, spec, mesh, workdir: str, *,
     for epoch in range(start_epoch, stage.num_epochs):
       rows = epoch_rows(epoch)[skip_steps:]
       skip_steps = 0
-      bar = tqdm.tqdm(rows, desc=f"{tag} epoch {epoch + 1}/{stage.num_epochs}",
+      bar = tqdm.tqdm(batcher.batches(rows), total=len(rows),
+                      desc=f"{tag} epoch {epoch + 1}/{stage.num_epochs}",
                       disable=not train_config.progress or jax.process_index() != 0,
                       leave=False)
       started, accumulator = time.time(), None
-      for step_rows in bar:
-        state, step_metrics = train_step(state, batcher.batch(step_rows))
+      for batch in bar:
+        state, step_metrics = train_step(state, batch)
         if preemption.requested:
           _save(latest, _save_id(state, epoch_end=False), state)
           latest.wait_until_finished()

@@ -1,12 +1,23 @@
 """Input pipeline: deterministic order from the seed, identical batches on 1 or 4
-devices, on-device and host gathering agree, sharding along the data axis."""
+devices, on-device and host gathering agree, sharding along the data axis; a split over
+config.data.device_memory_share streams from host memory with prefetch and trains and
+evaluates exactly as a resident one."""
+
+import json
+import logging
+import os
+import threading
 
 import jax
+import jax.numpy as jnp
 import numpy as np
-from helpers import random_batch, tiny_spec
+import pytest
+from helpers import Toy, random_batch, tiny_spec
 
-from mer_jax import parallel
+from mer_jax import config_lib, parallel, trainer
+from mer_jax.data import pipeline
 from mer_jax.data.pipeline import Batcher
+from mer_jax.methods.base import Stage
 
 
 def split(n=20):
@@ -56,3 +67,98 @@ def test_mesh_uses_auto_axis_and_all_devices():
   mesh = parallel.make_mesh()
   assert mesh.devices.size == len(jax.devices()) == 4
   assert mesh.axis_names == (parallel.DATA_AXIS,)
+
+
+# ----------------------------------------------------------------------------- host streaming
+
+
+def test_a_split_over_the_device_share_streams_the_same_batches():
+  data = split()
+  mesh = parallel.make_mesh(4)
+  resident = Batcher(data, 8, mesh, on_device=True, device_memory_share=1.0)
+  nbytes = sum(v.nbytes for v in resident.arrays.values())
+  device_bytes = pipeline.device_memory_bytes(mesh.devices.flat[0])
+  just_below = Batcher(data, 8, mesh, on_device=True,
+                       device_memory_share=0.999 * nbytes / device_bytes)
+  streamed = Batcher(data, 8, mesh, on_device=True, device_memory_share=0.0)
+  assert resident.on_device and not just_below.on_device and not streamed.on_device
+  # One seed's epoch, K = 2 seeds' stacked epochs, the padded evaluation order.
+  for rows in (resident.epoch_rows(1, 0),
+               np.stack([resident.epoch_rows(s, 2) for s in (0, 1)], axis=1),
+               resident.ordered_rows()):
+    pairs = list(zip(resident.batches(rows), streamed.batches(rows), strict=True))
+    assert len(pairs) == len(rows)
+    for row, (a, b) in zip(rows, pairs, strict=True):
+      assert set(a) == set(b) == set(data) - {"id"} | {"index"}
+      for key in a:
+        np.testing.assert_array_equal(np.asarray(b[key]), data[key][row] if key in data
+                                      else row)
+        np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]))
+        assert b[key].sharding == a[key].sharding
+        assert b[key].sharding.spec[row.ndim - 1] == parallel.DATA_AXIS
+
+
+def test_an_interrupted_stream_stops_its_prefetch_thread():
+  streamed = Batcher(split(), 4, parallel.make_mesh(2), on_device=False)
+  before = threading.active_count()
+  batches = streamed.batches(streamed.epoch_rows(0, 0))
+  next(batches)
+  batches.close()  # what leaving a for loop early does
+  for thread in threading.enumerate():
+    if thread.name.startswith("grain-prefetch"):
+      thread.join(timeout=10)
+  assert threading.active_count() <= before
+
+
+def test_device_memory_share_is_checked():
+  with pytest.raises(ValueError, match="device_memory_share=1.5"):
+    Batcher(split(), 8, parallel.make_mesh(1), on_device=True, device_memory_share=1.5)
+  assert config_lib.base_config().data.device_memory_share == pipeline.DEVICE_MEMORY_SHARE
+  assert pipeline.device_memory_bytes(jax.devices()[0]) > 2**30
+
+
+def toy_stage():
+  model = Toy()
+
+  def loss_fn(params, method_state, batch, key, context):
+    del context
+    out = model.apply({"params": params}, batch, train=True)["output"]
+    noise = 0.05 * jax.random.normal(key, out.shape)  # the step key is used too
+    loss = jnp.mean(jnp.abs(out + noise - batch["label"]))
+    return loss, ({"loss_task": loss}, method_state)
+
+  return Stage(name="", model=model, loss_fn=loss_fn, num_epochs=2)
+
+
+def test_streamed_training_and_validation_equal_the_resident_run(tmp_path, caplog):
+  spec = tiny_spec("regression")
+  splits = {"train": random_batch(spec, 32, seed=0), "valid": random_batch(spec, 16, seed=1)}
+  mesh = parallel.make_mesh(2)
+  runs = {}
+  for name, share in (("resident", 1.0), ("streamed", 0.0)):
+    config = config_lib.base_config()
+    config.method = "toy"
+    config.train.batch_size = 8
+    config.train.num_epochs = 2
+    config.train.learning_rate = 1e-2
+    config.train.log_every_steps = 1
+    config.train.progress = False
+    config.eval.batch_size = 16
+    config.data.device_memory_share = share
+    workdir = str(tmp_path / name)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger=pipeline.__name__):
+      params, _ = trainer.train_stage(toy_stage(), config, splits, spec, mesh, workdir)
+    streamed = [r.getMessage() for r in caplog.records if "stream from host" in r.getMessage()]
+    with open(os.path.join(workdir, "log.jsonl")) as f:
+      log = [{k: v for k, v in r.items() if k not in ("epoch_seconds", "samples_per_second")}
+             for r in map(json.loads, f)]
+    runs[name] = (params, log, streamed)
+  (params_a, log_a, streamed_a), (params_b, log_b, streamed_b) = runs.values()
+  # The training split and the validation split (evaluated every epoch) both streamed.
+  assert streamed_a == [] and [m.split(" samples")[0] for m in streamed_b] == [
+      "a split of 32", "a split of 16"]
+  jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
+  assert len([r for r in log_a if "val/loss" not in r]) == 8  # every step's losses
+  assert [r["epoch"] for r in log_a if "val/loss" in r] == [1, 2]
+  assert log_a == log_b
