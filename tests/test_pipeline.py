@@ -162,3 +162,44 @@ def test_streamed_training_and_validation_equal_the_resident_run(tmp_path, caplo
   assert len([r for r in log_a if "val/loss" not in r]) == 8  # every step's losses
   assert [r["epoch"] for r in log_a if "val/loss" in r] == [1, 2]
   assert log_a == log_b
+
+
+STREAM_IN_TWO_PROCESSES = """
+import sys
+import numpy as np
+from mer_jax import parallel
+parallel.initialize_distributed(sys.argv[1], 2, int(sys.argv[2]))
+from mer_jax.data.pipeline import Batcher
+rng = np.random.default_rng(0)
+data = {"text": rng.normal(size=(20, 3, 2)).astype(np.float32),
+        "text_mask": rng.random((20, 3)) > 0.5, "label": rng.normal(size=20).astype(np.float32)}
+mesh = parallel.make_mesh()
+resident = Batcher(data, 8, mesh, on_device=True, device_memory_share=1.0)
+streamed = Batcher(data, 8, mesh, on_device=True, device_memory_share=0.0)
+assert mesh.devices.size == 4 and resident.on_device and not streamed.on_device
+rows = np.stack([resident.epoch_rows(s, 1) for s in (0, 1)], axis=1)
+for seeds in (rows[:, 0], rows):
+  for r, a, b in zip(seeds, resident.batches(seeds), streamed.batches(seeds), strict=True):
+    a, b = parallel.fetch(a), parallel.fetch(b)
+    for key in data:
+      np.testing.assert_array_equal(b[key], data[key][r])
+      np.testing.assert_array_equal(a[key], b[key])
+print("streamed batches equal")
+"""
+
+
+@pytest.mark.slow
+def test_streamed_batches_in_two_processes_equal_the_resident_ones(tmp_path):
+  import subprocess
+  import sys
+
+  from conftest import REPO
+  from test_multiprocess import _env, _free_port
+
+  address = f"127.0.0.1:{_free_port()}"
+  processes = [subprocess.Popen([sys.executable, "-c", STREAM_IN_TWO_PROCESSES, address,
+                                 str(i)], cwd=REPO, env=_env(2), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  for process in processes:
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0 and "streamed batches equal" in output, output[-3000:]
