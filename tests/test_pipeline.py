@@ -98,6 +98,22 @@ def test_a_split_over_the_device_share_streams_the_same_batches():
         assert b[key].sharding.spec[row.ndim - 1] == parallel.DATA_AXIS
 
 
+def test_a_resident_split_on_cpu_devices_shares_the_loaded_arrays(tmp_path):
+  from mer_jax.data.builders import common
+
+  splits, _ = common.load_synthetic("mosi", data_dir=str(tmp_path),
+                                    sizes={"train": 9, "valid": 2, "test": 2})
+  train = splits["train"]
+  for n in (1, 4):
+    batcher = Batcher(train, n, parallel.make_mesh(n), on_device=True)
+    for key in ("text", "audio", "vision", "text_mask", "label"):
+      assert train[key].ctypes.data % common.ALIGNMENT == 0, key
+      shards = batcher._resident[key].addressable_shards
+      assert {s.data.unsafe_buffer_pointer() for s in shards} == {train[key].ctypes.data}, key
+    np.testing.assert_array_equal(np.asarray(batcher.batch(np.arange(8)[::-1])["text"]),
+                                  train["text"][7::-1])
+
+
 def test_an_interrupted_stream_stops_its_prefetch_thread():
   streamed = Batcher(split(), 4, parallel.make_mesh(2), on_device=False)
   before = threading.active_count()

@@ -126,7 +126,11 @@ class Batcher:
       log.info("a split of %d samples (%.2f GB) exceeds config.data.device_memory_share=%g of "
                "device memory: its batches stream from host memory", self.num_rows,
                sum(v.nbytes for v in self.arrays.values()) / 1e9, device_memory_share)
-    if self.on_device:
+    if self.on_device and jax.process_count() == 1:
+      # On CPU devices the replica shares the host arrays' memory where they are 64-byte
+      # aligned (as `load_data` allocates them) instead of doubling the split.
+      self._resident = jax.device_put(self.arrays, parallel.replicated(mesh), may_alias=True)
+    elif self.on_device:
       self._resident = parallel.replicate(self.arrays, mesh)
 
   def steps_per_epoch(self) -> int:
