@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import math
 import os
+import time
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -19,6 +21,8 @@ import tensorflow_datasets as tfds
 from mer_jax.data import synthetic
 from mer_jax.data.builders.synthetic import SyntheticMer, make_config
 from mer_jax.data.spec import MASK_KEYS, DataSpec
+
+log = logging.getLogger(__name__)
 
 DATA_DIR_ENV = "MER_JAX_DATA_DIR"
 FILE_FORMAT = "array_record"
@@ -63,9 +67,16 @@ def prepare(builder: tfds.core.DatasetBuilder) -> None:
       # files existed, so its info has no split lengths yet.
       builder.info.read_from_directory(builder.data_dir)
       return
+    started = time.time()
     builder.download_and_prepare(
         file_format=FILE_FORMAT,
         download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    splits = builder.info.splits
+    log.info("prepared %s in %.1f s: %s (%.2f GB serialized, %d shards)", builder.data_dir,
+             time.time() - started,
+             ", ".join(f"{name} {info.num_examples}" for name, info in splits.items()),
+             sum(info.num_bytes for info in splits.values()) / 1e9,
+             sum(info.num_shards for info in splits.values()))
 
 
 def aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
@@ -129,7 +140,12 @@ def load_splits(builder: tfds.core.DatasetBuilder,
   missing = [split for split in splits if split not in sources]
   if missing:
     raise ValueError(f"{builder.data_dir} has no split(s) {missing}; it has {sorted(sources)}")
-  return {split: _read_split(sources[split], builder.info.features) for split in splits}
+  started = time.time()
+  arrays = {split: _read_split(sources[split], builder.info.features) for split in splits}
+  log.info("read %s in %.1f s: %s (%.2f GB in memory)", builder.data_dir, time.time() - started,
+           ", ".join(f"{split} {len(arrays[split]['label'])}" for split in splits),
+           sum(v.nbytes for split in arrays.values() for v in split.values()) / 1e9)
+  return arrays
 
 
 def load_synthetic(preset: str, *, data_dir: str | None = None, seed: int = 0,
