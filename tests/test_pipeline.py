@@ -3,21 +3,21 @@ devices, on-device and host gathering agree, sharding along the data axis; a spl
 config.data.device_memory_share streams from host memory with prefetch and trains and
 evaluates exactly as a resident one."""
 
+import dataclasses
 import json
 import logging
 import os
 import threading
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import Toy, random_batch, tiny_spec
+from helpers import random_batch, tiny_spec
+from test_seeds import toy_config, toy_stage
 
 from mer_jax import config_lib, parallel, trainer
 from mer_jax.data import pipeline
 from mer_jax.data.pipeline import Batcher
-from mer_jax.methods.base import Stage
 
 
 def split(n=20):
@@ -133,38 +133,20 @@ def test_device_memory_share_is_checked():
   assert pipeline.device_memory_bytes(jax.devices()[0]) > 2**30
 
 
-def toy_stage():
-  model = Toy()
-
-  def loss_fn(params, method_state, batch, key, context):
-    del context
-    out = model.apply({"params": params}, batch, train=True)["output"]
-    noise = 0.05 * jax.random.normal(key, out.shape)  # the step key is used too
-    loss = jnp.mean(jnp.abs(out + noise - batch["label"]))
-    return loss, ({"loss_task": loss}, method_state)
-
-  return Stage(name="", model=model, loss_fn=loss_fn, num_epochs=2)
-
-
 def test_streamed_training_and_validation_equal_the_resident_run(tmp_path, caplog):
   spec = tiny_spec("regression")
   splits = {"train": random_batch(spec, 32, seed=0), "valid": random_batch(spec, 16, seed=1)}
   mesh = parallel.make_mesh(2)
+  stage = dataclasses.replace(toy_stage(), num_epochs=2)  # its loss uses the step key too
   runs = {}
   for name, share in (("resident", 1.0), ("streamed", 0.0)):
-    config = config_lib.base_config()
-    config.method = "toy"
-    config.train.batch_size = 8
-    config.train.num_epochs = 2
-    config.train.learning_rate = 1e-2
+    config = toy_config()
     config.train.log_every_steps = 1
-    config.train.progress = False
-    config.eval.batch_size = 16
     config.data.device_memory_share = share
     workdir = str(tmp_path / name)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger=pipeline.__name__):
-      params, _ = trainer.train_stage(toy_stage(), config, splits, spec, mesh, workdir)
+      params, _ = trainer.train_stage(stage, config, splits, spec, mesh, workdir)
     streamed = [r.getMessage() for r in caplog.records if "stream from host" in r.getMessage()]
     with open(os.path.join(workdir, "log.jsonl")) as f:
       log = [{k: v for k, v in r.items() if k not in ("epoch_seconds", "samples_per_second")}
