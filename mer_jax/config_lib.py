@@ -71,16 +71,28 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.log_every_steps = 10
   config.train.progress = True  # tqdm bars
   # Model selection on the validation split: this metric, averaged over the 7 fixed
-  # combinations ("fixed") or on full modalities ("full").
+  # combinations ("fixed"), on full modalities ("full"), or on full modalities with every
+  # modality's frames dropped at `selection_frame_rate` ("frame", LNLN's protocol).
   config.train.selection_metric = ""  # "" = the task's primary metric
   config.train.selection_scenarios = "fixed"
+  config.train.selection_frame_rate = 0.5
+  # Checkpoints: `latest` every N epochs, and also mid-epoch once this many seconds have
+  # passed since the last write (0 = off); the best state waits on the devices and is
+  # written with the next `latest`. SIGTERM always writes one (exit 75); a SIGKILL loses
+  # at most one interval.
+  config.train.checkpoint_every_epochs = 1
+  config.train.checkpoint_every_seconds = 0.0
 
   # Training-time missing-modality protocol (SPEC section 5); methods override.
   config.missing = ml_collections.ConfigDict()
   config.missing.kind = "none"  # none | drop | random_mr | frame_lnln | frame_dqf | noise
   config.missing.probs = (1 / 7,) * 7
   config.missing.missing_rate = 0.0
-  config.missing.fill = "zero"  # zero | normal
+  config.missing.fill = "zero"  # zero | normal: what a dropped frame becomes
+  # Dropped frames are replaced and stay unflagged in the frame masks (LNLN, EASE, DQF):
+  # the model sees the corrupted sequence. True also masks them out like padding, in
+  # training and in every frame-level evaluation scenario.
+  config.missing.flag_dropped_frames = False
   config.missing.noise_intensity = 0.0
 
   # Evaluation protocols run at the end of training and by `mer_jax.evaluate`.
@@ -89,6 +101,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval.missing_rates = MISSING_RATES
   config.eval.frame_rates = FRAME_RATES
   config.eval.frame_sets = COMBINATION_NAMES
+  config.eval.frame_mode = "random"  # random: each frame w.p. r | span: one run (DQF supp.)
+  config.eval.frame_fill = "zero"  # zero | normal
   config.eval.noise_intensities = ()
   config.eval.batch_size = 256
   # Scenarios evaluated together in one compiled call (vmapped); memory grows with it.
@@ -135,9 +149,12 @@ _CHOICES = {
     "train.optimizer": ("adamw", "adam", "sgd"),
     "train.schedule": ("constant", "cosine", "linear"),
     "train.on_nonfinite": ("stop", "skip"),
-    "train.selection_scenarios": ("fixed", "full"),
+    "train.selection_scenarios": ("fixed", "full", "frame"),
+    "teacher.selection": ("best", "last"),
     "eval.checkpoint": ("best", "latest"),
     "missing.fill": ("zero", "normal"),
+    "eval.frame_mode": ("random", "span"),
+    "eval.frame_fill": ("zero", "normal"),
     "model.text_encoder": ("features", "bert"),
 }
 # Sources whose splits carry token ids (`text_ids`, `text_segments`) for a text encoder.
@@ -197,6 +214,16 @@ def validate_config(config, spec=None, *, num_train: int | None = None) -> None:
       fail(field, "must be >= 1")
   if _get(config, "teacher.num_epochs") is not None and int(config.teacher.num_epochs) < 1:
     fail("teacher.num_epochs", "must be >= 1")
+  if int(config.train.checkpoint_every_epochs) < 1:
+    fail("train.checkpoint_every_epochs", "must be >= 1")
+  if float(config.train.checkpoint_every_seconds) < 0:
+    fail("train.checkpoint_every_seconds", "must be >= 0 (0 = no time-based writes)")
+  if not 0.0 <= float(config.train.selection_frame_rate) <= 1.0:
+    fail("train.selection_frame_rate", "must be in [0, 1]")
+  for field in ("train.learning_rate", "teacher.learning_rate"):
+    if _get(config, field) is not None and float(_get(config, field)) < 0:
+      fail(field, "must be >= 0" + (" (0 = config.train.learning_rate)"
+                                   if field.startswith("teacher") else ""))
   if _get(config, "model.text_encoder") == "bert":
     if not _get(config, "model.text_encoder_path"):
       fail("model.text_encoder_path", "must name a local BERT folder (config.json + "
