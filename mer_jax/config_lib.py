@@ -53,6 +53,14 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.num_valid = 0
   config.data.num_test = 0
   config.data.cache_dir = ""  # Where TFDS builders write; "" = ~/.cache/mer_jax/tfds.
+  # Per modality (text, audio, vision), which features a source reads; () = the source's
+  # default: merbench Baichuan-13B-Base-FRA / wav2vec2-large-960h-FRA /
+  # clip-vit-large-patch14-FRA, mmin bert_large / comparE (MSP-IMPROV comparE_raw) /
+  # denseface, npz the keys text / audio / vision. mmsa and mult have one feature set.
+  config.data.features = ()
+  # Per modality, the longest sequence kept (longer ones are average-pooled to it);
+  # () = as stored. Read by merbench and mmin.
+  config.data.max_lengths = ()
 
   # Optimiser and loop.
   config.train = ml_collections.ConfigDict()
@@ -157,6 +165,9 @@ _CHOICES = {
     "eval.frame_fill": ("zero", "normal"),
     "model.text_encoder": ("features", "bert"),
 }
+# Which sources read the per-modality `config.data` options.
+DATA_OPTION_READERS = {"features": ("merbench", "mmin", "npz"),
+                       "max_lengths": ("merbench", "mmin")}
 # Sources whose splits carry token ids (`text_ids`, `text_segments`) for a text encoder.
 TOKEN_ID_SOURCES = ("mmsa",)
 
@@ -233,6 +244,17 @@ def validate_config(config, spec=None, *, num_train: int | None = None) -> None:
            f"ids of {TOKEN_ID_SOURCES} data (MMSA text_bert)")
   if float(_get(config, "train.text_encoder_learning_rate") or 0.0) < 0:
     fail("train.text_encoder_learning_rate", "must be >= 0 (0 = config.train.learning_rate)")
+
+  for field, readers in DATA_OPTION_READERS.items():
+    value = tuple(_get(config, f"data.{field}") or ())
+    if value and config.data.source not in readers:
+      fail(f"data.{field}", f"is not read by config.data.source={config.data.source!r}; "
+           f"only by {readers} (leave it () for the source's own features)")
+    if value and len(value) != 3:
+      fail(f"data.{field}", "must have three entries (text, audio, vision), or be () for the "
+           "source's default")
+  if any(int(v) < 0 for v in tuple(_get(config, "data.max_lengths") or ())):
+    fail("data.max_lengths", "must be >= 0 per modality (0 = as stored)")
 
   visible = jax.device_count()
   if config.num_devices < 0 or config.num_devices > visible:
