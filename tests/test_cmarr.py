@@ -431,8 +431,15 @@ def test_flow_input_selects_the_aligned_or_the_projected_sequences():
     np.testing.assert_allclose(out["features"][:, index], aligned, atol=1e-5)
     np.testing.assert_allclose(projected_out["features"][:, index], x, atol=1e-5)
     assert np.abs(np.asarray(aligned - x)).max() > 1e-3
-  with pytest.raises(ValueError, match="flow_input"):
-    cmarr.build(tiny_config({"model.flow_input": "raw"}), spec)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("model.flow_input", "raw", "config.model.flow_input='raw'"),
+    ("loss.rec_norm", "l1", "config.loss.rec_norm='l1'"),
+    ("model.udcl_init_temperature", 0.005, "config.model.udcl_init_temperature=0.005")])
+def test_bad_options_fail_when_the_method_is_built(field, value, message):
+  with pytest.raises(ValueError, match=message):
+    cmarr.build(tiny_config({field: value}), tiny_spec("classification"))
 
 
 def _without(params, *prefixes):

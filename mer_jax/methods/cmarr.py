@@ -251,9 +251,6 @@ class CMARR(nn.Module):
 
   @nn.compact
   def __call__(self, batch, *, train: bool):
-    if self.flow_input not in FLOW_INPUTS:
-      raise ValueError(f"config.model.flow_input={self.flow_input!r}: choose one of "
-                       f"{FLOW_INPUTS}")
     batch_size = batch[MODALITIES[0]].shape[0]
     present = batch.get("modality_mask")
     if present is None:
@@ -261,7 +258,7 @@ class CMARR(nn.Module):
 
     projected, frame_mask = self._project(batch)
     means, stds, aligned = self._align(projected, frame_mask, train=train)
-    features = aligned if self.flow_input == "aligned" else projected
+    features = {"aligned": aligned, "projected": projected}[self.flow_input]
     # Frames that may be read on the prediction path: real frames of present modalities.
     available = frame_mask & present[:, :, None]
     is_present = present[:, :, None]
@@ -372,6 +369,9 @@ def build_model(config, spec: DataSpec) -> CMARR:
   m = config.model
   if m.flow_input not in FLOW_INPUTS:
     raise ValueError(f"config.model.flow_input={m.flow_input!r}: choose one of {FLOW_INPUTS}")
+  if m.udcl_init_temperature and m.udcl_init_temperature <= _MIN_TEMPERATURE:
+    raise ValueError(f"config.model.udcl_init_temperature={m.udcl_init_temperature}: must be "
+                     f"> {_MIN_TEMPERATURE} (the temperature's floor), or 0 for umc_dim")
   return CMARR(
       output_shape=spec.output_shape,
       num_prior_classes=num_prior_classes(spec),
