@@ -14,11 +14,13 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
-from conftest import REPO
+from conftest import REPO, subprocess_env
+from helpers import read_log
 
 from mer_jax import trainer
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("resume")]
 
 # Short runs with several epochs (so that a kill lands mid-training) and a small final
 # evaluation; every step is logged so that the test sees training progress.
@@ -33,11 +35,7 @@ TIMEOUT = 900
 def env():
   # One persistent compilation cache for every process of this file (and later runs):
   # the restarted run loads the programs its first attempt compiled.
-  cache = os.path.join(REPO, ".pytest_cache", "jax_compilation_cache_cli")
-  env = dict(os.environ, JAX_PLATFORMS="cpu", MER_JAX_COMPILATION_CACHE=cache)
-  env.pop("XLA_FLAGS", None)  # one CPU device, as in the comparison run
-  env.pop("JAX_COMPILATION_CACHE_DIR", None)
-  return env
+  return subprocess_env()  # one CPU device, as in the comparison run
 
 
 def start(args, workdir, env, *, module="mer_jax.train", script=None):
@@ -62,15 +60,6 @@ def stderr_of(workdir):
     return f.read()
 
 
-def read_log(workdir):
-  path = os.path.join(workdir, "log.jsonl")
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    # A line being written when the process was killed may be incomplete.
-    return [json.loads(line) for line in f if line.endswith("\n")]
-
-
 def wait_for(process, workdir, predicate, what):
   """Polls log.jsonl until a record satisfies `predicate`; returns it."""
   deadline = time.time() + TIMEOUT
@@ -92,11 +81,7 @@ def is_step(record, stage, min_epoch):
 
 def load_checkpoint(path):
   """(checkpoint id, host arrays) of the newest checkpoint under `path`."""
-  manager = ocp.CheckpointManager(path)
-  step = manager.latest_step()
-  restored = manager.restore(step, args=ocp.args.StandardRestore())
-  manager.close()
-  return step, jax.tree.map(np.asarray, restored)
+  return max(int(name) for name in os.listdir(path)), trainer.read_checkpoint(path)
 
 
 def assert_same_checkpoints(workdir, reference, stage=""):
@@ -134,6 +119,11 @@ def references(tmp_path_factory, env):
   root = tmp_path_factory.mktemp("references")
   runs = {name: (start(args, root / name, env), root / name)
           for name, args in (("dqf", DQF), ("mcur", MCUR))}
+  # The interrupted runs start once the references have compiled their first train step
+  # (into the shared compilation cache), so that they load it instead of compiling it
+  # again at the same time on the same cores.
+  for (process, workdir), stage in zip(runs.values(), ("dqf", "teacher"), strict=True):
+    wait_for(process, workdir, lambda r, stage=stage: is_step(r, stage, 0), "a first step")
   yield runs
   for process, _ in runs.values():
     if process.poll() is None:
@@ -232,15 +222,14 @@ def test_kill_while_writing_a_checkpoint_then_resume_is_bit_exact(tmp_path, env,
 PARTIAL_SAVE = textwrap.dedent("""
     import json, os, signal, sys
     import numpy as np
-    import orbax.checkpoint as ocp
     from mer_jax import trainer
 
     path = sys.argv[1]
     manager = trainer._manager(path)
-    manager.save(1, args=ocp.args.StandardSave({"w": np.arange(6.0), "step": np.int32(1)}))
+    trainer._save(manager, 1, {"w": np.arange(6.0, dtype=np.float32), "step": np.int32(1)})
     manager.wait_until_finished()
-    big = np.random.default_rng(0).normal(size=(4_000_000,))
-    manager.save(3, args=ocp.args.StandardSave({"w": big, "step": np.int32(3)}))
+    big = np.random.default_rng(0).normal(size=(4_000_000,)).astype(np.float32)
+    trainer._save(manager, 3, {"w": big, "step": np.int32(3)})
     with open(path + ".json", "w") as f:
       json.dump(sorted(os.listdir(path)), f)
     os.kill(os.getpid(), signal.SIGKILL)
@@ -262,6 +251,9 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_one_restorable(tmp_p
   target = {"w": jnp.zeros(6), "step": jnp.int32(0)}  # as the trainer passes its state
   restored = trainer.restore_latest(path, target)
   np.testing.assert_array_equal(restored["w"], np.arange(6.0))
+  # A checkpoint of another layout is refused with the leaf that differs.
+  with pytest.raises(trainer.CheckpointError, match=r"leaf 1 is w float32\[6\].*w float32\[7\]"):
+    trainer.restore_latest(path, {"step": jnp.int32(0), "w": jnp.zeros(7)})
   assert int(restored["step"]) == 1
   assert sorted(os.listdir(path)) == ["1"]  # the temporary folder was cleaned up
 
