@@ -26,10 +26,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from mer_jax import evaluate, parallel
+from mer_jax import cli, config_lib, evaluate, parallel
 from mer_jax.data import missing, pipeline
 from mer_jax.methods import build_stages
 from mer_jax.methods.base import StageContext
@@ -62,6 +62,7 @@ def _flops(compiled) -> float | None:
 
 def run_benchmark(config, *, steps: int = 10, repeats: int = 3) -> dict:
   """Measures the last stage of `config.method` on `config.data`; returns the record."""
+  config_lib.validate_config(config)
   splits, spec = pipeline.load_data(config.data)
   mesh = parallel.make_mesh(config.num_devices)
   stages = build_stages(config, spec)
@@ -186,5 +187,4 @@ if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", None, "Config file to benchmark.", lock_config=True)
   flags.DEFINE_integer("steps", 10, "Train steps per timed repeat.")
   flags.DEFINE_integer("repeats", 3, "Timed repeats (the median is reported).")
-  parallel.enable_compilation_cache()
-  app.run(main)
+  cli.run(main, program="bench")

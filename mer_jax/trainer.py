@@ -9,7 +9,6 @@ device count computes the same global-batch losses.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -30,6 +29,7 @@ from mer_jax import parallel
 from mer_jax.data import missing
 from mer_jax.data.pipeline import Batcher
 from mer_jax.methods.base import Stage, StageContext
+from mer_jax.run_log import RunLogger
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -100,24 +100,6 @@ def make_optimizer(train_config, steps_per_epoch: int, num_epochs: int):
   if train_config.grad_clip:
     tx = optax.chain(optax.clip_by_global_norm(train_config.grad_clip), tx)
   return tx
-
-
-# ----------------------------------------------------------------------------- logging
-
-
-class JsonlLogger:
-  """Appends one JSON object per line to `DIR/log.jsonl` (resumed runs append)."""
-
-  def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, "log.jsonl")
-
-  def write(self, record: Mapping):
-    if jax.process_index() != 0:
-      return
-    record = {k: (v.item() if isinstance(v, (np.ndarray, np.generic, jax.Array)) else v)
-              for k, v in record.items()}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -485,7 +467,7 @@ def _save_seed_checkpoints(state: TrainState, best_state: TrainState, stage: Sta
 
 def train_stage(stage: Stage, config, splits, spec, mesh, workdir: str, *,
                 stage_index: int = 0, context: StageContext | None = None,
-                logger: JsonlLogger | None = None, seed_workdirs=None):
+                logger: RunLogger | None = None, seed_workdirs=None):
   """Trains one stage, resuming from `DIR/checkpoints/[stage/]latest` when present.
 
   Returns (params, method_state) of the best validation epoch. Raises `Preempted`
@@ -505,7 +487,7 @@ def train_stage(stage: Stage, config, splits, spec, mesh, workdir: str, *,
   from mer_jax.losses.task import task_loss
 
   context = context or StageContext()
-  logger = logger or JsonlLogger(workdir)
+  logger = logger or RunLogger(workdir, config)
   train_config = config.train
   on_nonfinite = train_config.get("on_nonfinite", "stop")
   if on_nonfinite not in ON_NONFINITE:
@@ -515,7 +497,7 @@ def train_stage(stage: Stage, config, splits, spec, mesh, workdir: str, *,
   seeds = [config.seed + k for k in range(len(seed_workdirs))] if stacked else [config.seed]
   for seed_dir in seed_workdirs or ():
     os.makedirs(seed_dir, exist_ok=True)
-  seed_loggers = [JsonlLogger(d) for d in seed_workdirs] if stacked else [logger]
+  seed_loggers = logger.for_seeds(seed_workdirs, seeds) if stacked else [logger]
   # One seed's values, or the seeds' values on a leading axis.
   per_seed = (lambda values: jnp.asarray(np.asarray(values))) if stacked else (
       lambda values: jnp.asarray(values[0]))
@@ -659,21 +641,19 @@ def train_stage(stage: Stage, config, splits, spec, mesh, workdir: str, *,
             "val/loss": val_loss,
             f"val/{metric}": float(np.mean([r[metric] for r in results.values()])),
             **{f"val/{name}/{metric}": r[metric] for name, r in results.items()},
-            "selection": value, "best_epoch": int(best_epochs[index]) + 1})
+            "selection": value, "best_epoch": int(best_epochs[index]) + 1,
+            "best_selection": float(best_values[index]), "selection_metric": metric,
+            "num_epochs": stage.num_epochs})
       state = state.replace(best_value=per_seed(best_values.astype(np.float32)),
                             best_epoch=per_seed(best_epochs.astype(np.int32)),
                             epoch=per_seed(np.full(len(seeds), epoch + 1, np.int32)))
       # Host-made scalars carry no mesh: lay them out like the step's output so that the
       # next epoch reuses the compiled step.
       state = parallel.replicate(state, mesh)
-      for index, (seed_logger, record) in enumerate(zip(seed_loggers, records, strict=True)):
+      # The logger writes log.jsonl and TensorBoard, prints the epoch line and calls the
+      # run's on_epoch hook (run_log.RunLogger).
+      for seed_logger, record in zip(seed_loggers, records, strict=True):
         seed_logger.write(record)
-        if jax.process_index() == 0 and train_config.progress:
-          tqdm.tqdm.write(f"[{tag}{f' seed {seeds[index]}' if stacked else ''}] epoch "
-                          f"{epoch + 1}/{stage.num_epochs} train loss "
-                          f"{record['train/loss']:.4f} val loss {record['val/loss']:.4f} "
-                          f"val {metric} {record[f'val/{metric}']:.4f}"
-                          + (" *" if improved[index] else ""))
       if improved.any():
         if stacked:
           best_state = _select_seeds(jnp.asarray(improved), state,
