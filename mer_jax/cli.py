@@ -43,9 +43,16 @@ class _DropNoise(logging.Filter):
 
 
 def verbosity() -> int:
-  """The `--verbosity` the user passed (0 when not passed or not parsed yet)."""
+  """The `--verbosity` the user passed (0 when not passed); read from the command line
+  itself when the flags did not parse."""
   flag = flags.FLAGS["verbosity"]
-  return int(flag.value) if flag.present else 0
+  if flags.FLAGS.is_parsed():
+    return int(flag.value) if flag.present else 0
+  for arg in sys.argv[1:]:
+    for prefix in ("--verbosity=", "-v="):
+      if arg.startswith(prefix) and arg[len(prefix):].lstrip("-").isdigit():
+        return int(arg[len(prefix):])
+  return 0
 
 
 def configure_logging(level: int | None = None) -> None:
@@ -54,10 +61,11 @@ def configure_logging(level: int | None = None) -> None:
   handler = absl_logging.get_absl_handler()
   if not any(isinstance(f, _DropNoise) for f in handler.filters):
     handler.addFilter(_DropNoise())
-  if level < 1:
-    absl_logging.set_verbosity(absl_logging.WARNING)
-  elif level == 1:
-    absl_logging.set_verbosity(absl_logging.INFO)
+  # Levels set on the loggers, not through absl.logging.set_verbosity: that would rewrite
+  # the --verbosity flag, which decides whether errors show their traceback.
+  if level <= 1:
+    logging.root.setLevel(logging.WARNING if level < 1 else logging.INFO)
+    absl_logging.get_absl_logger().setLevel(logging.NOTSET)
   try:
     import tensorflow_datasets as tfds
 
@@ -71,13 +79,23 @@ def _raised_in_mer_jax(error: BaseException) -> bool:
   return bool(frames) and os.path.abspath(frames[-1].filename).startswith(_PACKAGE_DIR)
 
 
-def report_error(error: BaseException) -> None:
+def _message(error: BaseException) -> str:
+  # ConfigDict wraps a KeyError in an AttributeError; a KeyError's str() is its repr.
+  while isinstance(error, (AttributeError, KeyError)) and error.args and isinstance(
+      error.args[0], BaseException):
+    error = error.args[0]
+  if isinstance(error, KeyError) and error.args:
+    return str(error.args[0])
+  return str(error) or type(error).__name__
+
+
+def report_error(error: BaseException, *, context: str = "") -> None:
   """`error: <message>` on stderr; the traceback first with --verbosity=1."""
   if verbosity() >= 1:
     traceback.print_exception(error, file=sys.stderr)
   # One line, whatever the message holds.
-  message = " ".join((str(error) or type(error).__name__).split())
-  if isinstance(error, (app.UsageError, flags.Error)):
+  message = context + " ".join(_message(error).split())
+  if isinstance(error, (app.UsageError, flags.Error)) or context:
     message += " (see --helpshort)"
   elif not _raised_in_mer_jax(error) and verbosity() < 1:
     message += f" [{type(error).__name__}; --verbosity=1 shows the traceback]"
@@ -106,12 +124,13 @@ def guarded(main, program: str):
 
 
 def parse_flags(argv):
-  """absl's flag parsing with a flag error as one `error:` line and exit status 2
-  (absl prints its own FATAL block and exits with 1)."""
+  """absl's flag parsing with any failure as one `error:` line and exit status 2: a flag
+  that does not parse, a config file that does not load, an override naming no config
+  field (absl would print a FATAL block or a traceback and exit with 1)."""
   try:
     return flags.FLAGS(argv)
-  except flags.Error as error:
-    report_error(error)
+  except Exception as error:  # noqa: BLE001 - everything here comes from the command line
+    report_error(error, context="" if isinstance(error, flags.Error) else "command line: ")
     sys.exit(USER_ERROR_EXIT_CODE)
 
 
