@@ -41,6 +41,7 @@ import json
 import math
 import os
 import socket
+import time
 import warnings
 from collections.abc import Callable, Mapping
 
@@ -254,13 +255,24 @@ def default_storage(workdir: str) -> str:
   return f"sqlite:///{os.path.abspath(os.path.join(workdir, DATABASE))}"
 
 
-def make_storage(url: str, heartbeat_seconds: int):
+def make_storage(url: str, heartbeat_seconds: int, attempts: int = 5):
+  """Optuna's RDB storage with trial heartbeats (stale trials are run again)."""
+  import sqlalchemy.exc
+
   optuna = _optuna()
   engine_kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
-  return optuna.storages.RDBStorage(
-      url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_seconds,
-      grace_period=2 * heartbeat_seconds,
-      heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback())
+  for attempt in range(attempts):
+    try:
+      return optuna.storages.RDBStorage(
+          url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_seconds,
+          grace_period=2 * heartbeat_seconds,
+          heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback())
+    except sqlalchemy.exc.IntegrityError:
+      # Processes that start together on a new database race to create its tables; the
+      # loser finds them made on the next attempt.
+      if attempt == attempts - 1:
+        raise
+      time.sleep(0.5 * (attempt + 1))
 
 
 def make_sampler(name: str, space: Mapping, seed: int):
@@ -394,7 +406,9 @@ def _objective(sweep: Sweep, started: dict):
                        ("pid", os.getpid())):
       trial.set_user_attr(key, value)
     config = apply_params(sweep.config, params)
-    run_log.status(f"trial {trial.number}: " + _params_text(params) + f" -> {workdir}")
+    again = trial.system_attrs.get("failed_trial")
+    run_log.status(f"trial {trial.number}" + (f" (trial {again} again)" if again is not None
+                                              else "") + f": {_params_text(params)} -> {workdir}")
 
     def on_epoch(record):
       trial.report(float(record["selection"]), int(record["global_epoch"]))
@@ -576,6 +590,7 @@ def plot_sweep(path: str, sweep: Sweep, rows: list[dict]) -> None:
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  from matplotlib import ticker
 
   fields = list(sweep.space)
   fig, axes = plt.subplots(1, len(fields), figsize=(4 * len(fields), 3.4), squeeze=False)
@@ -592,6 +607,9 @@ def plot_sweep(path: str, sweep: Sweep, rows: list[dict]) -> None:
       if (isinstance(entry, Range) and entry.log) or (
           min(values) > 0 and max(values) / min(values) >= 100):
         ax.set_xscale("log")
+        # Plain tick labels: the default 10^k ones go through mathtext, seconds to set up.
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
     else:
       labels = [_format_value(c) for c in entry]
       position = lambda v, labels=labels: labels.index(_format_value(v))

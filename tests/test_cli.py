@@ -46,8 +46,12 @@ def test_evaluate_cli_with_embeddings(trained):
   workdir, cache = trained
   result = run_cli("mer_jax.evaluate", "--workdir", workdir, "--embeddings",
                    "--checkpoint", "latest", env_extra={"MER_JAX_COMPILATION_CACHE": cache})
-  summary = json.loads(result.stdout[result.stdout.index("{"):])
-  assert "fixed/acc2_has0" in summary
+  # The console ends with the headline table and the output paths, not the summary JSON.
+  lines = result.stdout.splitlines()
+  assert lines[0].split()[:2] == ["test", "acc2_non0"] and lines[1].split()[0] == "dqf"
+  assert f"results     {workdir}/eval/results.json" in lines
+  with open(os.path.join(workdir, "eval", "results.json")) as f:
+    assert "fixed/acc2_has0" in json.load(f)["summary"]
   with np.load(os.path.join(workdir, "eval", "embeddings.npz")) as data:
     assert data["LAV"].shape[0] == data["labels"].shape[0] == 32
     assert set(("L", "A", "V", "LA", "LV", "AV", "LAV")) <= set(data.files)
