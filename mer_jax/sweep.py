@@ -406,7 +406,8 @@ def _objective(sweep: Sweep, started: dict):
                        ("pid", os.getpid())):
       trial.set_user_attr(key, value)
     config = apply_params(sweep.config, params)
-    again = trial.system_attrs.get("failed_trial")
+    again = trial.study.get_trials(deepcopy=False)[trial.number].system_attrs.get(
+        "failed_trial")
     run_log.status(f"trial {trial.number}" + (f" (trial {again} again)" if again is not None
                                               else "") + f": {_params_text(params)} -> {workdir}")
 

@@ -22,6 +22,7 @@ from mer_jax import cli
 
 # CLI modules whose flags are defined at import (re-imported fresh for each run).
 FLAG_MODULES = ("mer_jax.train", "mer_jax.compare", "mer_jax.crossval", "mer_jax.sweep")
+MER_JAX_FLAGS: set[str] = set()
 
 
 @contextlib.contextmanager
@@ -30,8 +31,11 @@ def cli_process_state():
   flags, modules and logging set-up of this process afterwards."""
   values = flags.FLAGS
   before = {name: values[name] for name in values}
-  ours = [name for name in before
-          if (values.find_module_defining_flag(name) or "").startswith(("mer_jax", "__main__"))]
+  # Flags put back after an earlier run lose their module attribution: remember names.
+  MER_JAX_FLAGS.update(
+      name for name in before
+      if (values.find_module_defining_flag(name) or "").startswith(("mer_jax", "__main__")))
+  ours = [name for name in before if name in MER_JAX_FLAGS]
   modules = {name: sys.modules.pop(name) for name in FLAG_MODULES if name in sys.modules}
   package = sys.modules["mer_jax"]
   for name in FLAG_MODULES:  # `from mer_jax import train` must import it afresh
