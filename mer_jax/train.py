@@ -50,41 +50,22 @@ RESUMABLE_CHANGES = ("train.num_epochs", "train.progress", "train.log_every_step
                      "data.cache_dir", "data.spec", "log.tensorboard")
 
 
-def _flatten(tree, prefix=""):
-  flat = {}
-  for key, value in tree.items():
-    name = f"{prefix}{key}"
-    if isinstance(value, dict):
-      flat.update(_flatten(value, name + "."))
-    else:
-      flat[name] = value
-  return flat
-
-
 # Fields that change no result of a finished run (a run with only these changed is
 # finished; the number of epochs is not among them).
 NO_EFFECT_FIELDS = ("data.spec",) + tuple(f for f in RESUMABLE_CHANGES if f != "train.num_epochs")
 
 
 def _comparable(config_json) -> dict:
-  return {k: v for k, v in _flatten(config_json).items()
+  return {k: v for k, v in run_log.flatten_config(config_json).items()
           if not any(k == f or k.startswith(f + ".") for f in NO_EFFECT_FIELDS)}
-
-
-def _read_json(path: str):
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
 
 
 def finished_results(config, workdir: str) -> dict | None:
   """The evaluation results of a run in `workdir` that finished with this config (fields
   that change no result aside, evaluation settings included), or None when something
   must still be trained or evaluated."""
-  saved = _read_json(os.path.join(workdir, "config.json"))
-  results = _read_json(os.path.join(workdir, "eval", "results.json"))
+  saved = run_log.read_json(os.path.join(workdir, "config.json"))
+  results = run_log.read_json(os.path.join(workdir, "eval", "results.json"))
   if saved is None or results is None:
     return None
   if _comparable(saved) != _comparable(json.loads(config.to_json_best_effort())):
@@ -99,8 +80,8 @@ def check_workdir(config, workdir: str, *, allow_config_change: bool = False):
   if allow_config_change or not os.path.exists(path):
     return
   with open(path) as f:
-    saved = _flatten(json.load(f))
-  current = _flatten(json.loads(config.to_json_best_effort()))
+    saved = run_log.flatten_config(json.load(f))
+  current = run_log.flatten_config(json.loads(config.to_json_best_effort()))
   differing = sorted(
       k for k in set(saved) | set(current)
       if not k.startswith("eval.") and not any(k.startswith(r) for r in RESUMABLE_CHANGES)

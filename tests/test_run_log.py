@@ -176,3 +176,37 @@ def test_headline_table_of_every_stage(tmp_path):
   assert lines[2].split()[0] == "student" and lines[2].split()[-1] == "0.3500"
   assert f"results     {eval_dir}/results.json" in lines
   assert f"            {eval_dir}/results.csv" in lines
+
+
+def write_results(folder, offset):
+  os.makedirs(folder, exist_ok=True)
+  rows = {name: {"war": offset + 0.01 * i} for i, name in enumerate(
+      ("L", "A", "V", "LA", "LV", "AV", "LAV"))}
+  rows["summary"] = {"mr/war": offset + 0.5}
+  with open(os.path.join(folder, "results.json"), "w") as f:
+    json.dump(rows, f)
+
+
+def test_compare_and_crossval_print_the_headline_table(tmp_path):
+  from mer_jax import compare, crossval
+
+  workdir = str(tmp_path)
+  write_results(os.path.join(workdir, "cmarr", "eval"), 0.1)
+  write_results(os.path.join(workdir, "dqf", "eval"), 0.2)
+  report = {"task": "classification", "seeds": [0, 1, 2], "methods": {
+      "cmarr": {"workdir": os.path.join(workdir, "cmarr"), "borrowed": False},
+      "dqf": {"workdir": os.path.join(workdir, "dqf"), "borrowed": True}}}
+  lines = compare.format_console(report, workdir).splitlines()
+  assert lines[0].split()[:6] == ["test", "war", "(mean", "of", "3", "seeds)"]
+  assert lines[0].split()[-2:] == ["MR", "avg"]  # no frame-level scenarios: no AUILC
+  assert lines[1].split() == ["cmarr"] + [f"{0.1 + 0.01 * i:.4f}" for i in range(7)] + [
+      "0.6000"]
+  assert lines[2].split()[0] == "dqf" + compare.BORROWED_MARK
+  assert f"tables      {workdir}/comparison.md" in lines
+
+  for fold, offset in ((0, 0.1), (1, 0.3)):
+    write_results(os.path.join(workdir, f"fold{fold}", "eval"), offset)
+  lines = crossval.format_console({"folds": [0, 1]}, workdir, "classification").splitlines()
+  rows = {line.split()[0]: line.split()[1:] for line in lines[1:5]}
+  assert rows["mean"][0] == "0.2000" and rows["std"][0] == "0.1000"  # L over the folds
+  assert f"results     {workdir}/crossval.json" in lines
