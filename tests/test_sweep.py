@@ -3,6 +3,7 @@ a kill, a study shared by two processes, pruning, bad space files) runs with
 `sweep_driver.fake_trial`, which trains nothing; one slow test runs a real `:tiny` sweep
 and checks that trials are ordinary runs selected on the validation split."""
 
+import glob
 import json
 import math
 import os
@@ -273,3 +274,22 @@ def test_a_tiny_sweep_of_real_runs(tmp_path, monkeypatch):
   monkeypatch.setattr(train, "run", no_trial)
   again = sweep.run_sweep(config, space, workdir=workdir, trials=2)
   assert again["best_trial"] == result["best_trial"]
+
+
+def test_shipped_spaces_fit_their_configs():
+  """Every configs/sweeps/<name>.py loads and each of its values is accepted by
+  configs/<name>.py (a renamed config field fails here); MCUR's is A.2.3's grid."""
+  from mer_jax import compare
+
+  paths = sorted(glob.glob(os.path.join(REPO, "configs", "sweeps", "*.py")))
+  methods = {os.path.basename(p).split("_")[0] for p in paths}
+  assert methods == {"mcur", "cmad", "cmarr", "ease", "dqf"}  # one space per method
+  for path in paths:
+    config = compare.load_config_file(
+        os.path.join(REPO, "configs", os.path.basename(path)), "tiny")
+    sweep.check_space(sweep.load_space(path), config, path)
+  mcur = sweep.load_space(os.path.join(REPO, "configs", "sweeps", "mcur_mosei.py"))
+  assert mcur == {"train.learning_rate": [1e-5, 2e-5, 4e-5, 8e-4, 1e-3],
+                  "loss.cl_weight": [0.1, 0.2, 0.5, 1.0, 2.0, 5.0],
+                  "loss.sugr_weight": [1.0, 2.0, 5.0, 10.0, 20.0, 100.0]}
+  assert sweep.grid_size(mcur) == 180
