@@ -289,7 +289,8 @@ def test_shipped_spaces_fit_their_configs():
         os.path.join(REPO, "configs", os.path.basename(path)), "tiny")
     sweep.check_space(sweep.load_space(path), config, path)
   mcur = sweep.load_space(os.path.join(REPO, "configs", "sweeps", "mcur_mosei.py"))
-  assert mcur == {"train.learning_rate": [1e-5, 2e-5, 4e-5, 8e-4, 1e-3],
+  assert mcur == {"teacher.learning_rate": [2e-5],
+                  "train.learning_rate": [1e-5, 2e-5, 4e-5, 8e-4, 1e-3],
                   "loss.cl_weight": [0.1, 0.2, 0.5, 1.0, 2.0, 5.0],
                   "loss.sugr_weight": [1.0, 2.0, 5.0, 10.0, 20.0, 100.0]}
   assert sweep.grid_size(mcur) == 180
