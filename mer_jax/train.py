@@ -10,8 +10,10 @@ finished run with the same config returns its saved results).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import io
 import json
 import os
 import time
@@ -133,9 +135,14 @@ def run(config, workdir: str, *, allow_config_change: bool = False,
 
 
 def load_data(data_config):
-  """`pipeline.load_data` with a console line saying what was loaded."""
+  """`pipeline.load_data` with a console line saying what was loaded. TFDS's notes on a
+  dataset it prepares go to stdout, which holds a command's results; they are dropped
+  unless --verbosity=1 (the line says the same)."""
   started = time.time()
-  splits, spec = pipeline.load_data(data_config)
+  quiet = contextlib.redirect_stdout(io.StringIO()) if cli.verbosity() < 1 else (
+      contextlib.nullcontext())
+  with quiet:
+    splits, spec = pipeline.load_data(data_config)
   sizes = " / ".join(f"{len(split['label'])} {name}" for name, split in splits.items())
   run_log.status(f"data: {data_config.source} {data_config.name} ({spec.task}), {sizes} "
                  f"({time.time() - started:.1f} s)")

@@ -210,3 +210,25 @@ def test_compare_and_crossval_print_the_headline_table(tmp_path):
   rows = {line.split()[0]: line.split()[1:] for line in lines[1:5]}
   assert rows["mean"][0] == "0.2000" and rows["std"][0] == "0.1000"  # L over the folds
   assert f"results     {workdir}/crossval.json" in lines
+
+
+def test_data_loading_is_one_console_line(monkeypatch, capsys):
+  """TFDS announces a dataset it prepares on stdout; the run says it in one stderr line."""
+  import ml_collections
+
+  from mer_jax import cli, train
+
+  def load_data(data_config):
+    print("Downloading and preparing dataset Unknown size ...")
+    return {"train": {"label": np.zeros(8)}, "valid": {"label": np.zeros(4)}}, SPEC
+
+  monkeypatch.setattr(train.pipeline, "load_data", load_data)
+  monkeypatch.setattr(cli, "verbosity", lambda: 0)
+  data = ml_collections.ConfigDict({"source": "npz", "name": "mine"})
+  assert train.load_data(data)[1] is SPEC
+  out, err = capsys.readouterr()
+  assert out == ""
+  assert err.startswith("data: npz mine (regression), 8 train / 4 valid (")
+  monkeypatch.setattr(cli, "verbosity", lambda: 1)
+  train.load_data(data)
+  assert "Downloading and preparing" in capsys.readouterr().out
