@@ -939,7 +939,7 @@ def train_stage(stage: Stage, config, splits, spec, mesh, workdir: str, *,
                       disable=not train_config.progress or jax.process_index() != 0,
                       leave=False)
       started, accumulator = time.time(), None
-      for step_rows in bar:
+      for index_in_epoch, step_rows in enumerate(bar):
         state, step_metrics = train_step(state, batcher.batch(step_rows))
         if preemption.requested:
           checkpoints.write(state, epoch_end=False)
@@ -956,12 +956,13 @@ def train_stage(stage: Stage, config, splits, spec, mesh, workdir: str, *,
           check_finite(accumulator)
           host = jax.device_get(step_metrics)
           host.pop("nonfinite_step")
-          rate = (bar.n + 1) * train_config.batch_size / max(time.time() - started, 1e-9)
+          rate = ((index_in_epoch + 1) * train_config.batch_size
+                  / max(time.time() - started, 1e-9))
           bar.set_postfix(loss=f"{np.mean(host['loss']):.4f}", samples_per_s=f"{rate:.0f}")
           for index, seed_logger in enumerate(seed_loggers):
             seed_logger.write({"stage": tag, "step": step, "epoch": epoch,
                                **{f"train/{k}": np.ravel(v)[index] for k, v in host.items()}})
-        if checkpoints.due_mid_epoch() and bar.n + 1 < len(rows):
+        if checkpoints.due_mid_epoch() and index_in_epoch + 1 < len(rows):
           check_finite(accumulator)  # never write a checkpoint past a non-finite step
           checkpoints.write(state, epoch_end=False)
       epoch_sums = None

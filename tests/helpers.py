@@ -54,3 +54,20 @@ class Toy(nn.Module):
     if self.log_output:
       output = jnp.log(pooled[0][:, 0]) + 0.0 * output
     return {"output": output, "embedding": embedding}
+
+
+def toy_train_config(**train):
+  """A base config for trainer tests on `Toy` stages: batch 8, 3 epochs, no progress bars;
+  `train` overrides `config.train` fields."""
+  from mer_jax import config_lib
+
+  config = config_lib.base_config()
+  config.method = "toy"
+  config.train.batch_size = 8
+  config.train.num_epochs = 3
+  config.train.learning_rate = 1e-2
+  config.train.log_every_steps = 2
+  config.train.progress = False
+  config.eval.batch_size = 16
+  config.train.update(train)
+  return config
