@@ -16,10 +16,11 @@ import optax
 import pytest
 import scipy.stats
 from conftest import REPO
-from helpers import random_batch, tiny_spec
+from helpers import parse_flags, random_batch, tiny_spec
 
-from mer_jax import train
+from mer_jax import config_lib, train
 from mer_jax.data import synthetic
+from mer_jax.data.builders import mmsa
 from mer_jax.data.spec import MODALITIES, DataSpec
 from mer_jax.methods import ease
 from mer_jax.methods.base import StageContext
@@ -43,7 +44,8 @@ def tiny_config(**loss_overrides):
                      cons_weight=1.0, asym_weight=1.0, uada_tau_scale=0.5, uada_alpha=1.0,
                      uada_stop_uncertainty_grad=True, anchor_momentum=0.9)
   config.loss.update(loss_overrides)
-  config.missing = dict(kind="frame_lnln", probs=(1 / 7,) * 7, fill="zero")
+  config.missing = dict(kind="frame_lnln", probs=(1 / 7,) * 7, partial_view_subsets=True,
+                        fill="zero")
   config.train = dict(num_epochs=1)
   return config
 
@@ -74,7 +76,8 @@ def setup():
       jax.random.key(0))
   forward = jax.jit(lambda p, b: stage.model.apply({"params": p}, b, train=False))
   views = jax.jit(lambda key, batch, probs: ease.training_views(
-      key, batch, ml_collections.ConfigDict(dict(kind="frame_lnln", probs=probs))))
+      key, batch, ml_collections.ConfigDict(dict(kind="frame_lnln", probs=probs,
+                                                 partial_view_subsets=True))))
   tx = optax.adam(3e-3)
 
   @jax.jit
@@ -231,6 +234,28 @@ def test_partial_views_follow_lnln_half_intact_per_modality(setup):
       # (which keep every one of 8 frames with probability 1/9 on average).
       assert BATCH // 2 <= mask.all(axis=1).sum() <= BATCH // 2 + 8
       assert mask.mean() < 0.9
+
+
+def test_lnln_only_preset_drops_frames_and_never_a_modality(setup):
+  """`config.missing.partial_view_subsets=False` (reachable from the command line): the
+  partial views are LNLN's frame masking alone."""
+  config = parse_flags(f"--config={os.path.join(REPO, 'configs', 'ease_mosi.py')}:synthetic",
+                       "--config.missing.partial_view_subsets=False")
+  assert config.missing.partial_view_subsets is False and config.missing.kind == "frame_lnln"
+  batch = rows(setup)
+  views = jax.jit(lambda key: ease.training_views(key, batch, config.missing))(
+      jax.random.key(1))
+  np.testing.assert_array_equal(views["modality_mask"], True)
+  for v in (1, 2):
+    part = slice(v * BATCH, (v + 1) * BATCH)
+    for name in MODALITIES:
+      frames = np.asarray(views[name][part])
+      intact = (frames == batch[name]).all(axis=(1, 2))
+      # LNLN: exactly B // 2 samples per modality keep every frame (r = 0); the others
+      # lose frames at r ~ U(0, 1), replaced by zeros.
+      assert BATCH // 2 <= intact.sum() <= BATCH // 2 + 8
+      assert ((frames == 0).all(axis=-1) | (frames == batch[name]).all(axis=-1)).all()
+      assert (~intact).any()
 
 
 def test_the_three_views_run_as_one_forward_of_3b_rows(setup):
@@ -481,6 +506,53 @@ def test_tiny_run_trains_and_evaluates_every_ease_scenario(tmp_path):
                              np.mean([results[n]["acc7"] for n in incomplete]), rtol=1e-6)
   for path in ("eval/results.json", "eval/results.csv", "eval/robustness.png", "log.jsonl"):
     assert os.path.exists(tmp_path / path), path
+
+
+@pytest.mark.parametrize("name,file", [("ease_mosi.py", "unaligned_50.pkl"),
+                                       ("ease_mosei.py", "unaligned_50.pkl"),
+                                       ("ease_sims.py", "unaligned_39.pkl")])
+def test_real_configs_read_unaligned_pickles_and_fine_tune_bert(name, file):
+  path = os.path.join(REPO, "configs", name)
+  real = parse_flags(f"--config={path}")
+  assert (real.data.source, real.data.file) == ("mmsa", file)
+  assert real.model.text_encoder == "bert" and real.model.text_encoder_path == ""
+  assert real.missing.partial_view_subsets is True
+  for variant in ("synthetic", "tiny"):  # no download, no BERT
+    small = parse_flags(f"--config={path}:{variant}")
+    assert (small.data.source, small.model.text_encoder) == ("synthetic", "features")
+    config_lib.validate_config(small)
+
+
+def test_a_real_config_without_a_bert_folder_stops_before_reading_data(tmp_path):
+  path = os.path.join(REPO, "configs", "ease_mosei.py")
+  data_dir = f"--config.data.dir={tmp_path / 'no_such_folder'}"
+  with pytest.raises(ValueError) as error:
+    train.run(parse_flags(f"--config={path}", data_dir), str(tmp_path / "run"))
+  message = str(error.value)
+  assert "\n" not in message and message.startswith("config.model.text_encoder_path=''")
+  for part in ("--config.model.text_encoder_path=", "config.json", "model.safetensors",
+               "--config.model.text_encoder=features"):
+    assert part in message, part
+  # The frozen-feature alternative passes every check that needs no data.
+  config_lib.validate_config(parse_flags(f"--config={path}", data_dir,
+                                         "--config.model.text_encoder=features"))
+
+
+def test_mmsa_folder_with_both_pickles_reads_the_file_the_config_names(tmp_path):
+  for file in ("aligned_50.pkl", "unaligned_50.pkl"):
+    (tmp_path / file).write_bytes(file.encode())
+  real = parse_flags(f"--config={os.path.join(REPO, 'configs', 'ease_mosi.py')}",
+                     f"--config.data.dir={tmp_path}")
+  assert mmsa.make_config(real.data).source_path == str(tmp_path / "unaligned_50.pkl")
+  default = parse_flags(f"--config={os.path.join(REPO, 'configs', 'ease_mosi.py')}",
+                        f"--config.data.dir={tmp_path}", "--config.data.file=")
+  assert mmsa.make_config(default.data).source_path == str(tmp_path / "aligned_50.pkl")
+  # A pickle named as config.data.dir must be the one config.data.file names.
+  other = parse_flags(f"--config={os.path.join(REPO, 'configs', 'ease_mosi.py')}",
+                      f"--config.data.dir={tmp_path / 'aligned_50.pkl'}")
+  with pytest.raises(ValueError, match=r"config\.data\.file='unaligned_50\.pkl'.*"
+                                       r"--config\.data\.file='aligned_50\.pkl'"):
+    mmsa.make_config(other.data)
 
 
 def test_configs_load_with_the_paper_hyper_parameters():
