@@ -22,8 +22,9 @@ from mer_jax import config_lib, train
 from mer_jax.data import synthetic
 from mer_jax.data.builders import mmsa
 from mer_jax.data.spec import MODALITIES, DataSpec
-from mer_jax.methods import ease
+from mer_jax.methods import ease, text_encoder
 from mer_jax.methods.base import StageContext
+from mer_jax.nn import bert
 
 WIDTH = 16
 LENGTH = 8  # synthetic MOSI cropped to 8 frames: real shapes per frame, fast steps
@@ -521,6 +522,24 @@ def test_real_configs_read_unaligned_pickles_and_fine_tune_bert(name, file):
     small = parse_flags(f"--config={path}:{variant}")
     assert (small.data.source, small.model.text_encoder) == ("synthetic", "features")
     config_lib.validate_config(small)
+
+
+def test_real_mosi_network_has_the_parameter_count_of_table_5():
+  """EASE on MOSI with BERT-base fine-tuned: 116.5M parameters in Table 5 (shapes only)."""
+  config = parse_flags(f"--config={os.path.join(REPO, 'configs', 'ease_mosi.py')}")
+  lengths, dims = (50, 375, 500), (768, 5, 20)  # unaligned_50.pkl (A.4)
+  (stage,) = ease.build(config, DataSpec("mosi", "regression", 1, dims, lengths, (-3.0, 3.0)))
+  stage = text_encoder.with_text_encoder(
+      stage, bert.BertModel(bert.BertConfig(), use_pooler=False), bert.SpecialTokens())
+  batch = {name: np.zeros((2, length, dim), np.float32)
+           for name, length, dim in zip(MODALITIES, lengths, dims, strict=True)}
+  batch.update({f"{name}_mask": np.ones((2, length), bool)
+                for name, length in zip(MODALITIES, lengths, strict=True)})
+  batch["text_ids"] = np.ones((2, lengths[0]), np.int32)
+  params = jax.eval_shape(lambda: stage.model.init({"params": jax.random.key(0)}, batch,
+                                                   train=False))["params"]
+  total = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
+  assert abs(total - 116.5e6) < 0.01 * 116.5e6, total
 
 
 def test_a_real_config_without_a_bert_folder_stops_before_reading_data(tmp_path):
