@@ -9,7 +9,6 @@ features (Baichuan-13B text, wav2vec 2.0 audio, CLIP ViT faces, frame-level) in
 """
 
 from mer_jax import config_lib
-from mer_jax.data.builders import merbench
 from mer_jax.methods import dqf
 
 
@@ -21,7 +20,10 @@ def get_config(arg=None):
   config.data.source = "merbench"
   config.data.name = "meld"
   config.data.task = "classification"
-  config.data.features = merbench.DEFAULT_FEATURES if not variant else ()
+  # () = the source's default extractors; MERBench's are DQF's (merbench.DEFAULT_FEATURES:
+  # Baichuan-13B-Base-FRA, wav2vec2-large-960h-FRA, clip-vit-large-patch14-FRA), and
+  # another source (`--config.data.source=npz`) keeps its own keys.
+  config.data.features = ()
   config.data.max_lengths = dqf.MERBENCH_MAX_LENGTHS if not variant else ()
 
   # Model, losses, optimiser, protocols: mer_jax.methods.dqf.configure (dqf.txt Sec. 4.2).

@@ -380,17 +380,21 @@ def test_forward_matches_an_independent_numpy_computation():
 
 @pytest.mark.parametrize("name,dataset,task", [("dqf_mosei.py", "mosei", "regression"),
                                                ("dqf_meld.py", "meld", "classification")])
-def test_real_configs_read_merbench_features_with_momentum_sgd(name, dataset, task):
+def test_real_configs_read_merbench_features_with_momentum_sgd(name, dataset, task, tmp_path):
   path = os.path.join(REPO, "configs", name)
-  real = parse_flags(f"--config={path}")
+  features = ("Baichuan-13B-Base-FRA", "wav2vec2-large-960h-FRA", "clip-vit-large-patch14-FRA")
+  (tmp_path / "label.npz").write_bytes(b"labels")
+  for folder in features:
+    (tmp_path / "features" / folder).mkdir(parents=True)
+  real = parse_flags(f"--config={path}", f"--config.data.dir={tmp_path}")
   assert (real.data.source, real.data.name, real.data.task) == ("merbench", dataset, task)
-  assert tuple(real.data.features) == merbench.DEFAULT_FEATURES
-  assert tuple(real.data.features) == ("Baichuan-13B-Base-FRA", "wav2vec2-large-960h-FRA",
-                                       "clip-vit-large-patch14-FRA")
-  assert tuple(real.data.max_lengths) == (50, 50, 50)
+  # What the MERBench builder reads for this config (dqf.txt Sec. 4.2).
+  builder_config = merbench.make_config(real.data)
+  assert builder_config.features == features
+  assert builder_config.max_lengths == (50, 50, 50)
   assert (real.train.optimizer, real.train.learning_rate, real.train.momentum,
-          real.train.schedule, real.train.batch_size, real.train.num_epochs) == (
-              "sgd", 1e-5, 0.9, "constant", 64, 100)
+          real.train.weight_decay, real.train.schedule, real.train.batch_size,
+          real.train.num_epochs) == ("sgd", 1e-5, 0.9, 0.0, "constant", 64, 100)
   assert (real.model.num_layers, real.model.num_heads) == (6, 4)
   assert (real.model.unimodal_encoder, real.model.pair_fusion) == ("qua", "qca")
   assert real.missing.kind == "frame_dqf"
