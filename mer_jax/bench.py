@@ -126,7 +126,7 @@ def run_benchmark(config, *, steps: int = 10, repeats: int = 3) -> dict:
     seeds_seconds = float(np.median(_timed(run_seed_steps, repeats))) / steps
     del stacked
 
-  predictor = Predictor(stage, mesh, config.eval.batch_size, on_device=config.data.on_device)
+  predictor = Predictor.from_config(stage, mesh, config)
   split = splits["test"]
   full = missing.fixed_modality_mask(len(split["label"]), 6)
   predict = lambda: predictor.predict_split(state.params, state.method_state, split,

@@ -86,3 +86,20 @@ def random_params(model, batch, seed=0, scale=0.3):
     return values.astype(leaf.dtype)
 
   return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def toy_train_config(**train):
+  """A base config for trainer tests on `Toy` stages: batch 8, 3 epochs, no progress bars;
+  `train` overrides `config.train` fields."""
+  from mer_jax import config_lib
+
+  config = config_lib.base_config()
+  config.method = "toy"
+  config.train.batch_size = 8
+  config.train.num_epochs = 3
+  config.train.learning_rate = 1e-2
+  config.train.log_every_steps = 2
+  config.train.progress = False
+  config.eval.batch_size = 16
+  config.train.update(train)
+  return config

@@ -60,6 +60,12 @@ class Stage:
       (teachers train on full modalities).
     compute_dtype: dtype of the forward computation (`with_compute_dtype`); params,
       optimiser state and method state stay float32.
+    learning_rate: peak learning rate of this stage (None: `config.train.learning_rate`;
+      MCUR's teacher, A.2.3, has its own).
+    selection: which epoch the stage keeps: "best" on the validation split, or "last"
+      (the official CMAD teacher is the last epoch of its run).
+    selection_scenarios: the validation scenarios "best" selects on (None:
+      `config.train.selection_scenarios`; see `trainer.validate`).
   """
 
   name: str
@@ -70,6 +76,9 @@ class Stage:
   num_epochs: int = 1
   trained_with_missing: bool = True
   compute_dtype: str = "float32"
+  learning_rate: float | None = None
+  selection: str = "best"
+  selection_scenarios: str | None = None
 
   def predict(self, params, method_state, batch):
     """Deterministic forward used by validation, evaluation and prediction."""
@@ -82,6 +91,7 @@ class Stage:
 
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
+SELECTIONS = ("best", "last")
 
 
 def cast_floating(tree, dtype):
