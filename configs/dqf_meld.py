@@ -20,10 +20,9 @@ def get_config(arg=None):
   config.data.source = "merbench"
   config.data.name = "meld"
   config.data.task = "classification"
-  # () = the source's default extractors; MERBench's are DQF's (merbench.DEFAULT_FEATURES:
-  # Baichuan-13B-Base-FRA, wav2vec2-large-960h-FRA, clip-vit-large-patch14-FRA), and
-  # another source (`--config.data.source=npz`) keeps its own keys.
-  config.data.features = ()
+  # config.data.features stays () = the source's default extractors, and MERBench's are
+  # DQF's (Baichuan-13B-Base-FRA, wav2vec2-large-960h-FRA, clip-vit-large-patch14-FRA).
+  # Another source reads no max_lengths: --config.data.max_lengths="()" with it.
   config.data.max_lengths = dqf.MERBENCH_MAX_LENGTHS if not variant else ()
 
   # Model, losses, optimiser, protocols: mer_jax.methods.dqf.configure (dqf.txt Sec. 4.2).

@@ -430,6 +430,7 @@ def main(argv):
     eval_data.source = _EVAL_SOURCE.value or eval_data.source
     eval_data.name = _EVAL_NAME.value
     eval_data.dir = _EVAL_DIR.value or ""
+    eval_data.file = ""  # the run's file (e.g. EASE's unaligned_50.pkl) names its own dataset's
   results = evaluate_run(_WORKDIR.value, checkpoint=_CHECKPOINT.value,
                          embeddings=_EMBEDDINGS.value or None, split_name=_SPLIT.value,
                          eval_data=eval_data, adapt_widths=_ADAPT_WIDTHS.value)
