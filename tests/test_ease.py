@@ -2,6 +2,7 @@
 numpy from separate forwards, EMA anchors without gradients, calibration statistics,
 training lowering every loss term, and a `:tiny` run through `mer_jax.train.run`."""
 
+import dataclasses
 import importlib.util
 import math
 import os
@@ -222,21 +223,6 @@ def test_training_views_full_and_partial_protocols(setup):
                             views["modality_mask"][2 * BATCH:])
 
 
-def test_partial_views_follow_lnln_half_intact_per_modality(setup):
-  batch = rows(setup)
-  assert all(batch[f"{name}_mask"].all() for name in MODALITIES)
-  views = setup["views"](jax.random.key(1), batch, jnp.eye(7)[6])  # all modalities kept
-  np.testing.assert_array_equal(views["modality_mask"], True)
-  for v in (1, 2):
-    part = slice(v * BATCH, (v + 1) * BATCH)
-    for name in MODALITIES:
-      mask = np.asarray(views[f"{name}_mask"][part])
-      # LNLN: r = 0 for exactly B // 2 samples per modality, r ~ U(0, 1) for the others
-      # (which keep every one of 8 frames with probability 1/9 on average).
-      assert BATCH // 2 <= mask.all(axis=1).sum() <= BATCH // 2 + 8
-      assert mask.mean() < 0.9
-
-
 def test_lnln_only_preset_drops_frames_and_never_a_modality(setup):
   """`config.missing.partial_view_subsets=False` (reachable from the command line): the
   partial views are LNLN's frame masking alone."""
@@ -247,6 +233,8 @@ def test_lnln_only_preset_drops_frames_and_never_a_modality(setup):
   views = jax.jit(lambda key: ease.training_views(key, batch, config.missing))(
       jax.random.key(1))
   np.testing.assert_array_equal(views["modality_mask"], True)
+  # The same frames as the default protocol with every subset drawn as LAV.
+  chex.assert_trees_all_equal(views, setup["views"](jax.random.key(1), batch, jnp.eye(7)[6]))
   for v in (1, 2):
     part = slice(v * BATCH, (v + 1) * BATCH)
     for name in MODALITIES:
@@ -257,6 +245,32 @@ def test_lnln_only_preset_drops_frames_and_never_a_modality(setup):
       assert BATCH // 2 <= intact.sum() <= BATCH // 2 + 8
       assert ((frames == 0).all(axis=-1) | (frames == batch[name]).all(axis=-1)).all()
       assert (~intact).any()
+      # Dropped frames are replaced, not flagged: the masks still mark only padding.
+      np.testing.assert_array_equal(views[f"{name}_mask"][part], batch[f"{name}_mask"])
+
+
+def test_a_fine_tuned_bert_reads_the_three_views(setup):
+  """With token ids (the real configs' BERT branch) the views carry `text_dropped`: none in
+  the full view, the zeroed text positions in the partial ones; the wrapped loss traces."""
+  batch = rows(setup)
+  batch["text_ids"] = np.where(batch["text_mask"], 5, 0).astype(np.int32)
+  views = setup["views"](jax.random.key(2), batch, jnp.full(7, 1 / 7))
+  dropped = np.asarray(views["text_dropped"])
+  assert not dropped[:BATCH].any() and dropped[BATCH:].any()
+  text = np.asarray(views["text"])
+  present = np.asarray(views["modality_mask"])[:, 0]
+  np.testing.assert_array_equal(text[dropped & present[:, None]], 0.0)
+  encoder = bert.BertModel(bert.BertConfig(vocab_size=16, hidden_size=8, num_hidden_layers=1,
+                                           num_attention_heads=2, intermediate_size=16,
+                                           max_position_embeddings=LENGTH), use_pooler=False)
+  spec = dataclasses.replace(setup["spec"], dims=(8, *setup["spec"].dims[1:]))
+  (stage,) = ease.build(setup["config"], spec)
+  stage = text_encoder.with_text_encoder(stage, encoder, bert.SpecialTokens())
+  params = jax.eval_shape(lambda: stage.model.init({"params": jax.random.key(0)}, batch,
+                                                   train=False))["params"]
+  loss, (metrics, _) = jax.eval_shape(lambda p: stage.loss_fn(
+      p, stage.init_state(), batch, jax.random.key(0), StageContext()), params)
+  assert loss.shape == () and "loss_ucmi" in metrics
 
 
 def test_the_three_views_run_as_one_forward_of_3b_rows(setup):
@@ -490,6 +504,7 @@ def test_training_lowers_every_loss_term(setup):
     assert last < first, (term, first, last)
 
 
+@pytest.mark.slow
 def test_tiny_run_trains_and_evaluates_every_ease_scenario(tmp_path):
   config = load_config("ease_mosi.py", "tiny")
   config.train.num_epochs = 1  # one epoch is enough to exercise train -> evaluate

@@ -187,6 +187,8 @@ def training_views(key, batch, missing_config):
   batch_size = batch[MODALITIES[0]].shape[0]
   full = missing.apply_modality_mask(
       batch, missing.fixed_modality_mask(batch_size, missing.FULL_COMBINATION))
+  if "text_ids" in batch:  # frame masking records dropped tokens; the full view drops none
+    full[missing.DROPPED_TEXT] = jnp.zeros(jnp.shape(batch["text_ids"]), bool)
   views = [full]
   for view_key in jax.random.split(key, NUM_VIEWS - 1):
     frame_key, subset_key = jax.random.split(view_key)
