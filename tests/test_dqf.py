@@ -60,8 +60,8 @@ def test_output_shapes(task, shape):
   spec = tiny_spec(task)
   (stage,) = dqf.build(tiny_config(), spec)
   batch = random_batch(spec, batch_size=3)
-  out = jax.eval_shape(lambda: stage.model.apply(
-      stage.model.init({"params": jax.random.key(0)}, batch, train=False), batch, train=False))
+  out, _ = jax.eval_shape(lambda: stage.model.init_with_output(
+      {"params": jax.random.key(0)}, batch, train=False))
   chex.assert_shape(out["output"], (3,) + shape)
   chex.assert_shape(out["aux_outputs"], (3, 7) + shape)
   chex.assert_shape(out["embedding"], (3, 7 * 16))
