@@ -89,8 +89,13 @@ ABLATIONS = {
     "ease": (("w/o UCMI", "wo_ucmi", {"model.use_ucmi": False}),
              ("w/o UCSA", "wo_ucsa", {"loss.lambda_align": 0.0}),
              ("w/o MIPC", "wo_mipc", {"loss.lambda_consist": 0.0})),
-    "cmarr": (("w/o L_udcl", "wo_udcl", {"loss.udcl_weight": 0.0}),
+    # CM-ARR Table 3; the Baseline is the fusion network alone, trained on full inputs.
+    "cmarr": (("Baseline", "baseline", {"model.reconstruct": False, "model.flow_input": "projected",
+                                        "missing.kind": "none", "loss.udcl_weight": 0.0,
+                                        "loss.spcl_weight": 0.0}),
+              ("w/o L_udcl", "wo_udcl", {"loss.udcl_weight": 0.0}),
               ("w/o L_spcl", "wo_spcl", {"loss.spcl_weight": 0.0}),
+              ("w/o attention", "wo_attention", {"model.umc_attention": False}),
               ("w/ Point", "point", {"loss.udcl_kind": "point"})),
     "dqf": (("w/o L_n (granularity heads)", "wo_aux", {"loss.aux_weight": 0.0}),),
 }

@@ -9,7 +9,8 @@ data seed `config.data.seed + k`, i.e. a fresh draw of train/valid/test from the
 generator. `DIR/crossval.json` holds, per scenario and metric, the value of every fold,
 their mean and their (population) standard deviation, plus the scenario
 `avg_incomplete`: the mean over the 6 incomplete combinations L, A, V, LA, LV, AV (the
-"Avg." row of CM-ARR Table 2). Starting again with the same workdir resumes each fold.
+"Avg." row of CM-ARR Table 2); the command prints mean +- std and every fold's value of
+WAR and UAR per combination. Starting again with the same workdir resumes each fold.
 """
 
 from __future__ import annotations
@@ -117,14 +118,20 @@ def run_folds(config, workdir: str, *, folds: Sequence[int] | None = None,
 
 
 def format_table(report: Mapping, metrics: Sequence[str] = ("war", "uar")) -> str:
-  """Mean +- std per fixed combination (and avg_incomplete) for `metrics`."""
+  """Per fixed combination (and avg_incomplete), for each of `metrics`: mean +- std over
+  the folds, then the value of every fold."""
   names = [n for n in (*INCOMPLETE, AVG_INCOMPLETE, COMBINATION_NAMES[FULL_COMBINATION])
            if n in report["scenarios"]]
-  lines = [f"{'scenario':<14}  " + "  ".join(f"{m:>15}" for m in metrics)]
+  folds = [f"fold{k}" for k in report["folds"]]
+  header = [f"{m} mean+-std" for m in metrics] + [f"{m} {f}" for m in metrics for f in folds]
+  lines = [f"{'scenario':<14}  " + "  ".join(f"{h:>15}" for h in header)]
   for name in names:
     row = report["scenarios"][name]
-    cells = [f"{row[m]['mean']:.4f}+-{row[m]['std']:.4f}" if m in row else f"{'-':>15}"
+    cells = [f"{row[m]['mean']:.4f}+-{row[m]['std']:.4f}" if m in row else "-"
              for m in metrics]
+    for metric in metrics:
+      values = row[metric]["folds"] if metric in row else [None] * len(folds)
+      cells += ["-" if v is None else f"{v:.4f}" for v in values]
     lines.append(f"{name:<14}  " + "  ".join(f"{c:>15}" for c in cells))
   return "\n".join(lines)
 

@@ -274,16 +274,28 @@ def _save(manager: ocp.CheckpointManager, save_id: int, state: TrainState):
 
 
 def _read(manager: ocp.CheckpointManager, path: str, step: int, abstract_buffers=None):
-  """(buffers, layout) of checkpoint `step`; a clear error for other formats."""
+  """(buffers, layout) of checkpoint `step`; a clear error for other formats.
+
+  Without `abstract_buffers` the buffers come back on this process's first device,
+  whatever mesh wrote them (a run trained on several processes read by one).
+  """
   item = os.path.join(path, str(step))
   if not os.path.isdir(os.path.join(item, "layout")):
     raise CheckpointError(
         f"{item} is not a checkpoint of this mer_jax version (format {CHECKPOINT_FORMAT}: "
         "packed state + layout; it was probably written before layers were scanned and "
         "checkpoints packed, 2026-12). Train again in a new --workdir")
+  layout = manager.restore(step, args=ocp.args.Composite(layout=ocp.args.JsonRestore()))["layout"]
+  if abstract_buffers is None:
+    sizes: dict[str, int] = {}
+    for _, shape, dtype in layout["leaves"]:
+      sizes[dtype] = sizes.get(dtype, 0) + int(np.prod(shape, dtype=np.int64))
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract_buffers = {dtype: jax.ShapeDtypeStruct((size,), np.dtype(dtype), sharding=local)
+                        for dtype, size in sizes.items()}
   restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_buffers), layout=ocp.args.JsonRestore()))
-  return restored["state"], restored["layout"]
+      state=ocp.args.StandardRestore(abstract_buffers)))
+  return restored["state"], layout
 
 
 def _check_layout(path: str, saved, expected):

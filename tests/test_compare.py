@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, subprocess_env
 from scipy import stats
 
 from mer_jax import compare, methods
@@ -151,8 +151,7 @@ def test_second_invocation_does_no_retraining(compared, monkeypatch):
   assert json.dumps(again["table"]) == json.dumps(report["table"])
 
   # The command line, in a fresh process, finds every run finished too.
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
+  env = subprocess_env()
   result = subprocess.run(
       [sys.executable, "-m", "mer_jax.compare", "--dataset", "mosei:tiny", "--methods",
        ",".join(METHODS), "--seeds", str(SEEDS), "--workdir", workdir,

@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, subprocess_env
 
 COMMAND = re.compile(r"python -m (mer_jax\.\w+)")
 
@@ -96,7 +96,7 @@ print("RESULTS " + json.dumps(results))
 
 
 def check_commands(commands):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env = subprocess_env()
   result = subprocess.run(
       [sys.executable, "-c", DRIVER, json.dumps([[m, a] for _, m, a in commands])],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
