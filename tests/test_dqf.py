@@ -152,7 +152,9 @@ BLOCKS = {
 }
 
 
-@pytest.mark.parametrize("block", sorted(BLOCKS))
+# Q-CA's case compiles two gradients of a 4-attention layer (~30 s on a busy 2-core
+# machine); its scanned stack is also checked by the numpy reference forward.
+@pytest.mark.parametrize("block", ["qua", "mult", pytest.param("qca", marks=pytest.mark.slow)])
 def test_scanned_stacks_equal_the_unrolled_layers(block):
   """Both forms built, the unrolled params stacked into the scanned layout: outputs agree
   (scanned with and without remat) and so do the gradients (scanned with remat), and the
