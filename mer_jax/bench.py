@@ -32,10 +32,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from mer_jax import evaluate, parallel, trainer
+from mer_jax import cli, config_lib, evaluate, parallel, trainer
 from mer_jax.data import missing, pipeline
 from mer_jax.methods import build_stages
 from mer_jax.methods.base import StageContext
@@ -112,6 +112,7 @@ def run_benchmark(config, *, steps: int = 10, repeats: int = 3, loop_epochs: int
 
   `loop_epochs` > 1 also runs the training loop for that many epochs (`loop_figures`);
   0 skips it."""
+  config_lib.validate_config(config)
   splits, spec = pipeline.load_data(config.data)
   mesh = parallel.make_mesh(config.num_devices)
   stages = build_stages(config, spec)
@@ -264,5 +265,4 @@ if __name__ == "__main__":
   flags.DEFINE_integer("repeats", 3, "Timed repeats (the median is reported).")
   flags.DEFINE_integer("loop_epochs", 3, "Epochs of the real training loop measured for the "
                        "epoch overhead (validation + checkpoints); 0 skips it.")
-  parallel.enable_compilation_cache()
-  app.run(main)
+  cli.run(main, program="bench")

@@ -132,6 +132,11 @@ def base_config() -> ml_collections.ConfigDict:
   # The encoder's own peak learning rate (same schedule); 0 = config.train.learning_rate.
   config.train.text_encoder_learning_rate = 0.0
   config.loss = ml_collections.ConfigDict()
+
+  # Logging: log.jsonl always; TensorBoard event files in DIR/tensorboard/ (tensorboardX,
+  # no TensorFlow): train and validation scalars, evaluation figures, the config.
+  config.log = ml_collections.ConfigDict()
+  config.log.tensorboard = True
   return config
 
 

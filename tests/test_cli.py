@@ -41,7 +41,6 @@ def test_evaluate_cli_reproduces_the_run_and_writes_embeddings(cli_run, tmp_path
   subprocess.run(["cp", "-r", cli_run, workdir], check=True)
   result = run_cli("mer_jax.evaluate", "--workdir", workdir, "--embeddings",
                    "--checkpoint", "best", num_devices=4)
-  summary = json.loads(result.stdout[result.stdout.index("{"):])
   with open(os.path.join(workdir, "eval", "results.json")) as f:
     again = json.load(f)
   assert set(again) == set(trained)
@@ -50,8 +49,11 @@ def test_evaluate_cli_reproduces_the_run_and_writes_embeddings(cli_run, tmp_path
       if isinstance(value, float):
         np.testing.assert_allclose(again[scenario][metric], value, rtol=1e-6, atol=1e-9,
                                    err_msg=f"{scenario}/{metric}")
-  assert summary == pytest.approx({k: v for k, v in again["summary"].items()
-                                   if isinstance(v, (int, float))})
+  # The console ends with the headline table and the output paths, not the summary JSON.
+  lines = result.stdout.splitlines()
+  assert lines[0].split()[:2] == ["test", "acc2_non0"] and lines[1].split()[0] == "dqf"
+  assert lines[1].split()[1] == f"{again['L']['acc2_non0']:.4f}"
+  assert f"results     {workdir}/eval/results.json" in lines
   with np.load(os.path.join(workdir, "eval", "embeddings.npz")) as data:
     assert data["LAV"].shape[0] == data["labels"].shape[0] == 32
     assert set(("L", "A", "V", "LA", "LV", "AV", "LAV")) <= set(data.files)

@@ -634,13 +634,28 @@ def test_aggregate_means_and_stds_over_folds():
     incomplete = values[:, :6].mean(axis=1)
     np.testing.assert_allclose(summary["avg_incomplete"][metric]["folds"], incomplete)
     np.testing.assert_allclose(summary["avg_incomplete"][metric]["mean"], incomplete.mean())
-  table = crossval.format_table({"folds": [0, 1, 2], "scenarios": summary}).splitlines()
-  assert table[0].split() == ["scenario", "war", "mean+-std", "uar", "mean+-std"] + [
-      word for m in ("war", "uar") for k in range(3) for word in (m, f"fold{k}")]
-  (row,) = [line.split() for line in table if line.startswith("LA ")]
-  war = [runs[k]["LA"]["war"] for k in range(3)]
-  assert row[1] == f"{np.mean(war):.4f}+-{np.std(war):.4f}"
-  assert row[3:6] == [f"{v:.4f}" for v in war]
+
+
+def test_the_printed_table_gives_war_and_uar_of_every_fold_with_mean_and_std(tmp_path):
+  rng = np.random.default_rng(1)
+  runs = []
+  for fold in range(3):
+    results = {n: {"war": float(rng.random()), "uar": float(rng.random())}
+               for n in missing.COMBINATION_NAMES}
+    runs.append(results)
+    os.makedirs(tmp_path / f"fold{fold}" / "eval")
+    with open(tmp_path / f"fold{fold}" / "eval" / "results.json", "w") as f:
+      json.dump(results, f)
+  lines = crossval.format_console({"folds": [0, 1, 2]}, str(tmp_path), "classification")
+  lines = lines.splitlines()
+  for metric in ("war", "uar"):
+    first = lines.index(next(line for line in lines if line.split()[:2] == ["test", metric]))
+    rows = {line.split()[0]: line.split()[1:] for line in lines[first + 1:first + 6]}
+    la = [runs[k]["LA"][metric] for k in range(3)]
+    column = list(missing.COMBINATION_NAMES).index("LA")
+    assert [rows[f"fold{k}"][column] for k in range(3)] == [f"{v:.4f}" for v in la]
+    assert rows["mean"][column] == f"{np.mean(la):.4f}"
+    assert rows["std"][column] == f"{np.std(la):.4f}"
 
 
 @pytest.mark.slow

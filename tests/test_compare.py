@@ -158,7 +158,8 @@ def test_second_invocation_does_no_retraining(compared, monkeypatch):
        *(f"--override={o}" for o in OVERRIDES), "--alsologtostderr"],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert "## acc2_non0 (higher is better)" in result.stdout
+  assert result.stdout.startswith(f"test acc2_non0 (mean of {SEEDS} seeds)")
+  assert f"{workdir}/comparison.md" in result.stdout
   assert result.stderr.count("results reused") == len(METHODS) * SEEDS
   assert "trained and evaluated" not in result.stderr
   assert snapshot(workdir) == before
