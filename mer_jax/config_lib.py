@@ -11,6 +11,7 @@ from __future__ import annotations
 import ml_collections
 
 from mer_jax.data.missing import COMBINATION_NAMES
+from mer_jax.data.pipeline import DEVICE_MEMORY_SHARE
 
 VARIANTS = ("", "synthetic", "tiny")
 
@@ -50,7 +51,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.file = ""
   config.data.fold = 0
   config.data.task = "regression"
-  config.data.on_device = True  # Keep whole splits on the accelerator when they fit.
+  config.data.on_device = True  # Keep whole splits on the accelerator when they fit:
+  # a split is resident only if it takes at most this share of one device's memory (CPU:
+  # of host memory); larger ones stream from host memory with prefetch, same batches.
+  config.data.device_memory_share = DEVICE_MEMORY_SHARE
   config.data.seed = 0  # Synthetic data seed: the data stay fixed when config.seed changes.
   config.data.num_train = 0  # Synthetic sizes; 0 = the preset's default.
   config.data.num_valid = 0

@@ -149,3 +149,20 @@ def tiny_run_config():
   config.eval.missing_rates = (0.5,)
   config.eval.frame_rates = (0.0, 1.0)
   return config
+
+
+def force_streamed_shards(monkeypatch):
+  """The large-split path at test size: one example per array_record shard, and TFDS's
+  shuffler told to spill at once (its spill needs TensorFlow, so a builder that still
+  went through it fails). Needs a machine without TensorFlow, as mer_jax's."""
+  import importlib.util
+
+  import pytest
+  import tensorflow_datasets.core.shuffle
+
+  from mer_jax.data.builders import streaming
+
+  if importlib.util.find_spec("tensorflow") is not None:
+    pytest.skip("TensorFlow is installed: preparing without it cannot be checked here")
+  monkeypatch.setattr(streaming, "SHARD_BYTES", 1)
+  monkeypatch.setattr(tensorflow_datasets.core.shuffle, "MAX_MEM_BUFFER_SIZE", 0)

@@ -206,9 +206,11 @@ def read(config: files.FileSourceConfig) -> tuple[dict[str, dict[str, np.ndarray
   path = resolve_path(config.source_path, config.dataset, DEFAULT_FILES,
                       MANUAL_DOWNLOAD_INSTRUCTIONS)
   parts = split_parts(read_pickle(path), path, SPLIT_KEYS)
-  splits = {split: read_split(part, split_name=split, source=f"{path}[{SPLIT_KEYS[split]!r}]",
-                              dataset=config.dataset, task=config.task)
-            for split, part in parts.items()}
+  # Each raw split is dropped once converted, so the pickle is never held twice.
+  splits = {split: read_split(parts.pop(split), split_name=split,
+                              source=f"{path}[{SPLIT_KEYS[split]!r}]", dataset=config.dataset,
+                              task=config.task)
+            for split in list(parts)}
   if len({"unimodal_labels" in split for split in splits.values()}) > 1:
     log.warning("%s: unimodal labels (%s) are not in every split; not kept", path,
                 ", ".join(UNIMODAL_KEYS))
