@@ -46,6 +46,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.source = "synthetic"
   config.data.name = "mosei"
   config.data.dir = ""  # Real sources: the folder with the user's files (read-only).
+  # The file to read in that folder where a source has several (MMSA MOSI/MOSEI:
+  # aligned_50.pkl | unaligned_50.pkl); "" = the source's default.
+  config.data.file = ""
   config.data.fold = 0
   config.data.task = "regression"
   config.data.on_device = True  # Keep whole splits on the accelerator when they fit:
@@ -173,6 +176,9 @@ _CHOICES = {
     "eval.frame_mode": ("random", "span"),
     "eval.frame_fill": ("zero", "normal"),
     "model.text_encoder": ("features", "bert"),
+    # DQF's Table 4 ablations (mer_jax.methods.dqf).
+    "model.unimodal_encoder": ("qua", "transformer"),
+    "model.pair_fusion": ("qca", "transformer", "mult"),
 }
 # Which sources read the per-modality `config.data` options.
 DATA_OPTION_READERS = {"features": ("merbench", "mmin", "npz"),
@@ -246,8 +252,12 @@ def validate_config(config, spec=None, *, num_train: int | None = None) -> None:
                                    if field.startswith("teacher") else ""))
   if _get(config, "model.text_encoder") == "bert":
     if not _get(config, "model.text_encoder_path"):
-      fail("model.text_encoder_path", "must name a local BERT folder (config.json + "
-           "model.safetensors) when config.model.text_encoder='bert'; see docs/methods.md")
+      fail("model.text_encoder_path", "this config fine-tunes BERT "
+           "(config.model.text_encoder='bert'): pass --config.model.text_encoder_path=FOLDER, "
+           "a local Hugging Face BERT folder holding config.json and model.safetensors "
+           "(vocab.txt optional; docs/methods.md#fine-tuning-bert), or "
+           "--config.model.text_encoder=features to train on the data's frozen text "
+           "features instead")
     if config.data.source not in TOKEN_ID_SOURCES:
       fail("data.source", f"gives no token ids; config.model.text_encoder='bert' reads the "
            f"ids of {TOKEN_ID_SOURCES} data (MMSA text_bert)")

@@ -56,6 +56,38 @@ class Toy(nn.Module):
     return {"output": output, "embedding": embedding}
 
 
+def parse_flags(*argv):
+  """A config as `mer_jax.train` parses it (`--config FILE[:variant]` then
+  `--config.a.b=value` overrides), in-process."""
+  from absl import flags
+  from ml_collections import config_flags
+
+  argv = ["train", *argv]
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True,
+                                  sys_argv=argv)
+  values(argv)
+  return values.config
+
+
+def random_params(model, batch, seed=0, scale=0.3):
+  """Params of `model` for `batch` with every leaf drawn from N(0, scale^2) (LayerNorm
+  scales around 1): shapes from `jax.eval_shape`, so nothing is compiled for them."""
+  import jax
+
+  shapes = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, batch,
+                                             train=False))["params"]
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    values = rng.normal(scale=scale, size=leaf.shape)
+    if getattr(path[-1], "key", None) == "scale":
+      values = 1.0 + values
+    return values.astype(leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
 def toy_train_config(**train):
   """A base config for trainer tests on `Toy` stages: batch 8, 3 epochs, no progress bars;
   `train` overrides `config.train` fields."""
