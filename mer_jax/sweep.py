@@ -267,9 +267,10 @@ def make_storage(url: str, heartbeat_seconds: int, attempts: int = 5):
           url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_seconds,
           grace_period=2 * heartbeat_seconds,
           heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback())
-    except sqlalchemy.exc.IntegrityError:
-      # Processes that start together on a new database race to create its tables; the
-      # loser finds them made on the next attempt.
+    except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError):
+      # Processes that start together on a new database race to create its tables (the
+      # loser gets "table ... already exists" or a duplicate version row); it finds them
+      # made on the next attempt.
       if attempt == attempts - 1:
         raise
       time.sleep(0.5 * (attempt + 1))

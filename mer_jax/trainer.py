@@ -255,19 +255,24 @@ def _save(manager: ocp.CheckpointManager, save_id: int, state: TrainState):
                force=True)
 
 
-def _read(manager: ocp.CheckpointManager, path: str, step: int, abstract_buffers=None):
-  """(buffers, layout) of checkpoint `step`; a clear error for other formats.
-
-  Without `abstract_buffers` the buffers come back on this process's first device,
-  whatever mesh wrote them (a run trained on several processes read by one).
-  """
+def _read_layout(manager: ocp.CheckpointManager, path: str, step: int) -> dict:
+  """The JSON layout of checkpoint `step`; a clear error for other formats."""
   item = os.path.join(path, str(step))
   if not os.path.isdir(os.path.join(item, "layout")):
     raise CheckpointError(
         f"{item} is not a checkpoint of this mer_jax version (format {CHECKPOINT_FORMAT}: "
         "packed state + layout; it was probably written before layers were scanned and "
         "checkpoints packed, 2026-12). Train again in a new --workdir")
-  layout = manager.restore(step, args=ocp.args.Composite(layout=ocp.args.JsonRestore()))["layout"]
+  return manager.restore(step, args=ocp.args.Composite(layout=ocp.args.JsonRestore()))["layout"]
+
+
+def _read_buffers(manager: ocp.CheckpointManager, step: int, layout: dict,
+                  abstract_buffers=None):
+  """The packed buffers of checkpoint `step`.
+
+  Without `abstract_buffers` they come back on this process's first device, whatever
+  mesh wrote them (a run trained on several processes read by one).
+  """
   if abstract_buffers is None:
     sizes: dict[str, int] = {}
     for _, shape, dtype in layout["leaves"]:
@@ -277,7 +282,7 @@ def _read(manager: ocp.CheckpointManager, path: str, step: int, abstract_buffers
                         for dtype, size in sizes.items()}
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract_buffers)))
-  return restored["state"], layout
+  return restored["state"]
 
 
 def _check_layout(path: str, saved, expected):
@@ -324,16 +329,19 @@ def restore_latest(path: str, target):
   if step is None:
     return None
   try:
+    layout = _read_layout(manager, path, step)
     if target is None:
-      buffers, layout = _read(manager, path, step)
+      buffers = _read_buffers(manager, step, layout)
       return _nested(layout["leaves"], _unpack(buffers, layout["leaves"]))
+    # The layouts are compared before any buffer is read: orbax would refuse a buffer
+    # of another size with its own message, which names no leaf.
     expected = state_layout(target)
+    _check_layout(os.path.join(path, str(step)), layout["leaves"], expected)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, jax.eval_shape(_pack, target))
     sharding = parallel.replicated(target_mesh(target))
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                             abstract)
-    buffers, layout = _read(manager, path, step, abstract)
-    _check_layout(os.path.join(path, str(step)), layout["leaves"], expected)
+    buffers = _read_buffers(manager, step, layout, abstract)
   finally:
     manager.close()
   leaves = _unpack(parallel.fetch(buffers), expected)
@@ -930,7 +938,9 @@ def train_stage(stage: Stage, config, splits, spec, mesh, workdir: str, *,
                          scenarios=scenarios, task_loss_fn=loss_of,
                          frame_rate=float(train_config.get("selection_frame_rate", 0.5)),
                          scenarios_per_call=int(config.eval.get("scenarios_per_call", 1)))
-      value = selection_value(results, metric)
+      # Rounded to float32 as the state keeps it, so that the logged value, the
+      # comparison and `best_selection` after a resume are one number.
+      value = float(np.float32(selection_value(results, metric)))
       improved[index] = stage.selection == "last" or value > best_values[index]
       if improved[index]:
         best_values[index], best_epochs[index] = value, epoch

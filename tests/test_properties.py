@@ -22,7 +22,8 @@ rates = st.one_of(st.sampled_from([0.0, 1.0, 0.5]), st.floats(0.0, 1.0))
 # static configuration instead of one per eager op).
 random_modality_mask = jax.jit(missing.random_modality_mask, static_argnums=(1, 2))
 training_drop_mask = jax.jit(missing.training_drop_mask, static_argnums=(1,))
-apply_frame_masking = jax.jit(missing.apply_frame_masking, static_argnames=("mode", "fill"))
+apply_frame_masking = jax.jit(missing.apply_frame_masking,
+                              static_argnames=("mode", "fill", "flag_dropped"))
 
 
 # ----------------------------------------------------------------------------- protocols
@@ -83,13 +84,18 @@ def frame_batches(draw):
 @given(batch=frame_batches(), seed=seeds, frame_rates=st.tuples(rates, rates, rates),
        mode=st.sampled_from(missing.FRAME_MODES), fill=st.sampled_from(missing.FILLS))
 def test_frame_masking_only_drops_real_frames(batch, seed, frame_rates, mode, fill):
-  out = apply_frame_masking(jax.random.key(seed), batch, np.float32(frame_rates), mode=mode,
-                            fill=fill)
+  key, rates = jax.random.key(seed), np.float32(frame_rates)
+  # One key drops the same frames in both variants: the flagged one marks them in the
+  # masks, the default (LNLN/DQF) replaces them and keeps the masks as they were.
+  flagged = apply_frame_masking(key, batch, rates, mode=mode, fill=fill, flag_dropped=True)
+  kept_masks = apply_frame_masking(key, batch, rates, mode=mode, fill=fill)
   for index, name in enumerate(("text", "audio", "vision")):
-    old_mask, new_mask = batch[f"{name}_mask"], np.asarray(out[f"{name}_mask"])
-    features = np.asarray(out[name])
+    old_mask, new_mask = batch[f"{name}_mask"], np.asarray(flagged[f"{name}_mask"])
+    features = np.asarray(flagged[name])
     assert np.isfinite(features).all()
     assert not (new_mask & ~old_mask).any()  # padding never becomes real
+    np.testing.assert_array_equal(np.asarray(kept_masks[f"{name}_mask"]), old_mask)
+    np.testing.assert_array_equal(np.asarray(kept_masks[name]), features)
     kept = new_mask[..., None] | ~old_mask[..., None]
     np.testing.assert_array_equal(np.where(kept, features, 0), np.where(kept, batch[name], 0))
     dropped = old_mask & ~new_mask

@@ -182,7 +182,8 @@ def driver_env(**extra):
 
 def start_driver(workdir, space, trials, storage=None, **env):
   args = [sys.executable, DRIVER, workdir, space, str(trials)] + ([storage] if storage else [])
-  log = open(os.path.join(os.path.dirname(workdir), f"driver{len(env)}.log"), "a")  # noqa: SIM115
+  name = f"driver{env['WORKER']}.log" if "WORKER" in env else f"driver{len(env)}.log"
+  log = open(os.path.join(os.path.dirname(workdir), name), "a")  # noqa: SIM115
   return subprocess.Popen(args, cwd=REPO, env=driver_env(**env), stdout=log, stderr=log)
 
 
@@ -225,8 +226,9 @@ def test_two_processes_share_one_study(tmp_path):
   # Slow enough epochs that the two processes' trials overlap.
   processes = [start_driver(workdir, space, 6, storage, SWEEP_EPOCH_SECONDS="0.3",
                             WORKER=str(i)) for i in range(2)]
-  for process in processes:
-    assert process.wait(timeout=300) == 0
+  for index, process in enumerate(processes):
+    log = tmp_path / f"driver{index}.log"
+    assert process.wait(timeout=300) == 0, log.read_text()[-3000:]
   trials = optuna.load_study(study_name=sweep.STUDY_NAME, storage=storage).get_trials()
   assert [t.state.name for t in trials] == ["COMPLETE"] * 6
   assert len({tuple(sorted(t.params.items())) for t in trials}) == 6  # each point once
