@@ -142,13 +142,18 @@ def test_multilabel_objective_uses_dkd_per_emotion_head():
                                         task="multilabel_binary", loss_config=config)
   p_s, p_t = np_softmax(student["output"]), np_softmax(teacher["output"])
   labels_np = np.asarray(labels)
-  ce_s = -np.log(np.take_along_axis(p_s, labels_np[..., None], -1)[..., 0]).sum(-1)
-  ce_t = -np.log(np.take_along_axis(p_t, labels_np[..., None], -1)[..., 0]).sum(-1)
+  # Per (sample, emotion) row as the official (B*K, 2) flattening, averaged over emotions.
+  ce_s = -np.log(np.take_along_axis(p_s, labels_np[..., None], -1)[..., 0])
+  ce_t = -np.log(np.take_along_axis(p_t, labels_np[..., None], -1)[..., 0])
   # Two-class heads: NCKD is 0 and TCKD is the KL of the full head distributions.
-  dkd = 0.9 * np.sum(p_t * np.log(p_t / p_s), axis=-1).sum(-1)
+  dkd = 0.9 * np.sum(p_t * np.log(p_t / p_s), axis=-1).mean(-1)
   psi = np.asarray(start["weights"])[np.asarray(combos)]
-  np.testing.assert_allclose(loss, np.mean(psi * ce_s) + 0.7 * np.mean(psi * dkd), rtol=1e-5)
-  added = np.bincount(combos, weights=np.maximum(ce_s - ce_t, 0.0), minlength=7)
+  np.testing.assert_allclose(loss, np.mean(psi * ce_s.mean(-1)) + 0.7 * np.mean(psi * dkd),
+                             rtol=1e-5)
+  # MAR difficulty: relu per row, then the mean over the emotions (not relu of the means).
+  difficulty = np.maximum(ce_s - ce_t, 0.0).mean(-1)
+  assert not np.allclose(difficulty, np.maximum(ce_s.mean(-1) - ce_t.mean(-1), 0.0))
+  added = np.bincount(combos, weights=difficulty, minlength=7)
   np.testing.assert_allclose(new["sums"], np.asarray(start["sums"]) + added, rtol=1e-5)
 
 

@@ -43,7 +43,7 @@ from mer_jax.losses.distillation import (
     mar_update,
     mar_weights,
 )
-from mer_jax.losses.task import task_loss
+from mer_jax.losses.task import mean_over_emotions, task_loss_rows
 from mer_jax.methods import mcur
 from mer_jax.methods.base import Stage
 from mer_jax.methods.text_encoder import teacher_inputs
@@ -91,9 +91,10 @@ def finalize_mar_if_due(method_state, epoch, *, mar_epochs: int, rho: float):
   return dict(method_state, mar=memory)
 
 
-def _task_per_sample(outputs, labels, task: str):
-  """Eq. 11: MAE for regression, cross-entropy (summed over emotion heads) otherwise."""
-  return task_loss(outputs, labels, task, regression_loss="l1")
+def _task_rows(outputs, labels, task: str):
+  """Eq. 11 per row: MAE for regression, cross-entropy otherwise ((B, K) per emotion for
+  multilabel_binary)."""
+  return task_loss_rows(outputs, labels, task, regression_loss="l1")
 
 
 def student_objective(student_out, teacher_out, labels, combination_ids, memory, *, task: str,
@@ -103,8 +104,10 @@ def student_objective(student_out, teacher_out, labels, combination_ids, memory,
     L = delta * L_CAFD + mean_i(Psi_{c_i} task_i) + gamma * mean_i(Psi_{c_i} aux_i)
 
   aux = MSE(y_s / phi, y_t / phi) * phi^2 (regression) or DKD with beta = 1 - alpha
-  (classification, multilabel summed over emotion heads) (Eq. 12-13). The memory
-  accumulates the difficulties of this batch unless it is already fixed.
+  (classification) (Eq. 12-13). Multilabel-binary: task, DKD and the MAR difficulty
+  relu(l_s - l_t) are computed per (sample, emotion) row and averaged over the emotions,
+  as the official code's (B*K, 2) rows. The memory accumulates the difficulties of this
+  batch unless it is already fixed.
 
   Args:
     student_out, teacher_out: `CMADModel` outputs (teacher on full modalities).
@@ -119,10 +122,10 @@ def student_objective(student_out, teacher_out, labels, combination_ids, memory,
   """
   teacher_out = jax.tree.map(jax.lax.stop_gradient, teacher_out)
   y_s, y_t = student_out["output"], teacher_out["output"]
-  student_task = _task_per_sample(y_s, labels, task)
-  teacher_task = _task_per_sample(y_t, labels, task)
+  student_rows, teacher_rows = _task_rows(y_s, labels, task), _task_rows(y_t, labels, task)
+  student_task, teacher_task = mean_over_emotions(student_rows), mean_over_emotions(teacher_rows)
   if loss_config.mar_difficulty == "relative":
-    difficulty = mar_difficulty(student_task, teacher_task)
+    difficulty = mean_over_emotions(mar_difficulty(student_rows, teacher_rows))
   else:
     difficulty = jax.lax.stop_gradient(student_task)
   new_memory = mar_update(memory, difficulty, combination_ids)
@@ -257,7 +260,7 @@ def build(config, spec: DataSpec) -> list[Stage]:
     batch, _ = missing.apply_training_protocol(missing_key, batch, teacher_missing)
     out = teacher_model.apply({"params": params}, batch, train=True,
                               rngs={"dropout": dropout_key})
-    loss = _task_per_sample(out["output"], batch["label"], task).mean()
+    loss = mean_over_emotions(_task_rows(out["output"], batch["label"], task)).mean()
     return loss, ({"loss_task": loss}, method_state)
 
   def student_loss_fn(params, method_state, batch, key, context):
