@@ -3,7 +3,8 @@ r"""Throughput benchmark of a method's compiled train step and evaluation forwar
     python -m mer_jax.bench --config configs/dqf_mosei.py:synthetic --steps 20
 
 Prints one JSON line: compile time, train steps/s and samples/s (median of repeats with
-min/max), evaluation samples/s, parameter count, achieved FLOP/s of the train step
+min/max), evaluation samples/s, parameter counts (all, the text encoder's and without
+it), achieved FLOP/s of the train step
 (XLA's cost analysis) against an fp32 matmul rate measured in the same run, peak device
 memory where the backend reports it, and the device kind and count. For two-stage
 methods the last stage (the student, teacher forward included) is measured.
@@ -31,7 +32,7 @@ from ml_collections import config_flags
 
 from mer_jax import evaluate, parallel
 from mer_jax.data import missing, pipeline
-from mer_jax.methods import build_stages
+from mer_jax.methods import build_stages, text_encoder
 from mer_jax.methods.base import StageContext
 from mer_jax.trainer import Predictor, init_train_state, make_optimizer, make_train_step
 
@@ -154,7 +155,7 @@ def run_benchmark(config, *, steps: int = 10, repeats: int = 3) -> dict:
       "batch_size": config.train.batch_size,
       "device_kind": device.device_kind, "num_devices": int(mesh.devices.size),
       "backend": jax.default_backend(),
-      "num_params": int(sum(x.size for x in jax.tree.leaves(state.params))),
+      **text_encoder.parameter_counts(state.params),
       "compile_seconds": compile_seconds,
       "train_steps_per_second": 1 / median,
       "train_steps_per_second_min": 1 / max(step_times),

@@ -199,8 +199,12 @@ def validate_config(config, spec=None, *, num_train: int | None = None) -> None:
     fail("teacher.num_epochs", "must be >= 1")
   if _get(config, "model.text_encoder") == "bert":
     if not _get(config, "model.text_encoder_path"):
-      fail("model.text_encoder_path", "must name a local BERT folder (config.json + "
-           "model.safetensors) when config.model.text_encoder='bert'; see docs/methods.md")
+      fail("model.text_encoder_path", "config.model.text_encoder='bert' fine-tunes BERT as "
+           "the paper does: set --config.model.text_encoder_path to a local Hugging Face BERT "
+           "folder holding config.json and model.safetensors (vocab.txt optional; "
+           "docs/methods.md#getting-a-local-bert-folder), or run on the data's frozen text "
+           "features with --config.model.text_encoder=features (then the numbers are not "
+           "the papers')")
     if config.data.source not in TOKEN_ID_SOURCES:
       fail("data.source", f"gives no token ids; config.model.text_encoder='bert' reads the "
            f"ids of {TOKEN_ID_SOURCES} data (MMSA text_bert)")

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
@@ -507,6 +508,9 @@ def train_stage(stage: Stage, config, splits, spec, mesh, workdir: str, *,
   context = context or StageContext()
   logger = logger or JsonlLogger(workdir)
   train_config = config.train
+  if stage.grad_clip is not None:
+    train_config = ml_collections.ConfigDict(dict(train_config.to_dict(),
+                                                  grad_clip=stage.grad_clip))
   on_nonfinite = train_config.get("on_nonfinite", "stop")
   if on_nonfinite not in ON_NONFINITE:
     raise ValueError(f"config.train.on_nonfinite must be one of {ON_NONFINITE}, got "

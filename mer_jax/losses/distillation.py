@@ -159,7 +159,19 @@ def _cosine_matrix(a, b, eps=1e-8):
   return normalize(a.astype(jnp.float32)) @ normalize(b.astype(jnp.float32)).T
 
 
-def cafd(student_emb, teacher_emb, *, tau):
+CAFD_MODES = ("full", "mse_only", "sim_only", "correlation")
+
+
+def _symmetric_row_kl(logits_a, logits_b):
+  """(KL(softmax(a_i) || softmax(b_i)) + KL(softmax(b_i) || softmax(a_i))) / 2 per row."""
+  log_p = jax.nn.log_softmax(logits_a, axis=-1)
+  log_q = jax.nn.log_softmax(logits_b, axis=-1)
+  kl_pq = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+  kl_qp = jnp.sum(jnp.exp(log_q) * (log_q - log_p), axis=-1)
+  return (kl_pq + kl_qp) / 2
+
+
+def cafd(student_emb, teacher_emb, *, tau, mode="full"):
   """Correlation-aware feature distillation (CMAD, in the form of its public code).
 
   With s, t the (B, D) student and teacher fused embeddings:
@@ -168,30 +180,41 @@ def cafd(student_emb, teacher_emb, *, tau):
     diff     = |S_tt - S_st|;  l_struct = trace(diff) / sum(diff)  (0 if sum(diff) = 0)
     bikl_i   = (KL(P_i || Q_i) + KL(Q_i || P_i)) / 2, P_i = softmax(S_tt[i] / tau),
                Q_i = softmax(S_st[i] / tau)
-    L_CAFD   = mean_i(bikl_i * mse_i) + l_struct
+    full        L_CAFD = mean_i(bikl_i * mse_i) + l_struct  (`compute_weighted_mse_loss`)
+  and the supplement's Sec. 7.3 ablations (Tables 7-10), as the official code logs them:
+    mse_only    mean_i mse_i                           (feature consistency L^MSE alone)
+    sim_only    mean_i bikl_i + l_struct               (correlation consistency alone)
+    correlation mean_i bikl(S_ss[i] / tau, S_tt[i] / tau), S_ss = cos(s_i, s_j): the
+                teacher's sample correlations transferred directly to the student's
+                (`compute_correlation_loss`)
 
   Args:
     student_emb: (B, D) float.
     teacher_emb: (B, D) float.
     tau: softmax temperature of the correlation rows.
+    mode: one of `CAFD_MODES`.
 
   Returns:
     Scalar float32 loss.
   """
+  if mode not in CAFD_MODES:
+    raise ValueError(f"config.loss.cafd_mode must be one of {CAFD_MODES}, got {mode!r}")
   s = student_emb.astype(jnp.float32)
   t = teacher_emb.astype(jnp.float32)
   mse = jnp.mean(jnp.square(s - t), axis=-1)
-  sim_st = _cosine_matrix(s, t)
   sim_tt = _cosine_matrix(t, t)
+  if mode == "mse_only":
+    return jnp.mean(mse)
+  if mode == "correlation":
+    return jnp.mean(_symmetric_row_kl(sim_tt / tau, _cosine_matrix(s, s) / tau))
+  sim_st = _cosine_matrix(s, t)
   diff = jnp.abs(sim_tt - sim_st)
   total = jnp.sum(diff)
   # Identical correlations give 0/0: no structural mismatch, so the term is 0.
   l_struct = jnp.where(total > 0, jnp.trace(diff) / jnp.where(total > 0, total, 1.0), 0.0)
-  log_p = jax.nn.log_softmax(sim_tt / tau, axis=-1)
-  log_q = jax.nn.log_softmax(sim_st / tau, axis=-1)
-  kl_pq = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
-  kl_qp = jnp.sum(jnp.exp(log_q) * (log_q - log_p), axis=-1)
-  bikl = (kl_pq + kl_qp) / 2
+  bikl = _symmetric_row_kl(sim_tt / tau, sim_st / tau)
+  if mode == "sim_only":
+    return jnp.mean(bikl) + l_struct
   return jnp.mean(bikl * mse) + l_struct
 
 

@@ -60,6 +60,8 @@ class Stage:
       (teachers train on full modalities).
     compute_dtype: dtype of the forward computation (`with_compute_dtype`); params,
       optimiser state and method state stay float32.
+    grad_clip: this stage's global-norm gradient clip (0 disables); None =
+      `config.train.grad_clip` (the official CMAD teacher clips at 1.0, its student not).
   """
 
   name: str
@@ -70,6 +72,7 @@ class Stage:
   num_epochs: int = 1
   trained_with_missing: bool = True
   compute_dtype: str = "float32"
+  grad_clip: float | None = None
 
   def predict(self, params, method_state, batch):
     """Deterministic forward used by validation, evaluation and prediction."""

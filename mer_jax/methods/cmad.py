@@ -18,7 +18,8 @@ student's method state. For the first G epochs (`loss.mar_epochs`) the weights P
 sum and count; at the end of epoch G, `end_epoch` sets Psi_c = rho * (W_c / max W)^2 and
 fixes it. The memory is checkpointed with the params, so a resumed run continues it.
 
-Ablation switches (`config.loss`): `use_cafd` ("w/o CAFD"), `use_mar` ("w/o MAR": Psi = 1),
+Ablation switches (`config.loss`): `use_cafd` ("w/o CAFD"), `cafd_mode` (Sec. 7.3:
+"full", "mse_only", "sim_only", "correlation"), `use_mar` ("w/o MAR": Psi = 1),
 `mar_on_task` / `mar_on_aux` (Table 11's L_TM / L_AM), `use_task` / `use_aux` (L_T / L_A),
 `mar_difficulty` = "relative" (d = relu(l_s - l_t)) or "student" (d = l_s, CMAD_t).
 """
@@ -34,6 +35,7 @@ from mer_jax import config_lib
 from mer_jax.data import missing
 from mer_jax.data.spec import DataSpec
 from mer_jax.losses.distillation import (
+    CAFD_MODES,
     cafd,
     dkd,
     kd_regression_aux,
@@ -144,8 +146,8 @@ def student_objective(student_out, teacher_out, labels, combination_ids, memory,
   zero = jnp.zeros((), jnp.float32)
   task_term = jnp.mean(task_weight * student_task) if loss_config.use_task else zero
   aux_term = jnp.mean(aux_weight * aux) if loss_config.use_aux else zero
-  cafd_term = (cafd(student_out["embedding"], teacher_out["embedding"], tau=loss_config.tau)
-               if loss_config.use_cafd else zero)
+  cafd_term = (cafd(student_out["embedding"], teacher_out["embedding"], tau=loss_config.tau,
+                    mode=loss_config.cafd_mode) if loss_config.use_cafd else zero)
   loss = (loss_config.cafd_weight * cafd_term + task_term + loss_config.aux_weight * aux_term)
 
   metrics = {"loss_cafd": cafd_term, "loss_task": task_term, "loss_aux": aux_term,
@@ -165,31 +167,24 @@ def base_config() -> ml_collections.ConfigDict:
   config = config_lib.base_config()
   config.method = "cmad"
 
-  model = config.model
-  model.width = 96  # D (Sec. 6.2, MOSEI)
-  model.kernel_sizes = (3, 1, 1)  # Conv1D per modality (L, A, V), SPEC section 7
-  model.num_latents = 5
-  model.perceiver_depth = 5  # Sec. 6.1: 5 Perceiver layers on MOSEI
-  model.cross_heads = 1
-  model.latent_heads = 8
-  model.perceiver_mlp_dim = 384  # GEGLU hidden width, 4 D as in the Perceiver
-  model.self_per_cross = 1
-  model.fusion_layers = 2  # "two-layer Transformer Encoder" (Eq. 20)
-  model.fusion_heads = 8
-  model.fusion_mlp_dim = 384
-  model.mlp_layers = 1  # "followed by a linear layer" (Eq. 20)
-  model.position_embedding = True
-  model.dropout = 0.1
+  mcur.official_backbone(config.model)  # the official student_model.py at MOSEI size
+  # The official student is never put in train mode (`from_pretrained` returns it in eval
+  # mode and `evulate` calls `model.train(False)`): it trains without dropout, BERT's
+  # included. The teacher trains with `model.train()` (its dropouts active).
+  config.model.student_train_mode = False
 
   loss = config.loss
-  loss.cafd_weight = 0.1  # delta (the supplement's sigma)
-  loss.aux_weight = 1.0  # gamma
-  loss.tau = 0.2  # CAFD temperature
-  loss.phi = 7.0  # regression auxiliary scale (Eq. 13)
+  loss.cafd_weight = 0.1  # delta (the supplement's sigma); README command --delta=0.1
+  loss.cafd_mode = "full"  # full | mse_only | sim_only | correlation (Sec. 7.3, Tables 7-10)
+  loss.aux_weight = 1.0  # gamma; --gamma=1
+  loss.tau = 0.2  # CAFD temperature; --tau=0.2
+  # Regression auxiliary scale (Eq. 13); --temperature=7.0 (the script's default is 2.0).
+  # phi cancels: MSE(y_s/phi, y_t/phi) * phi^2 = (y_s - y_t)^2 (docs/methods.md).
+  loss.phi = 7.0
   loss.dkd_alpha = 0.9  # alpha of DKD (classification / multilabel)
   loss.dkd_temperature = 1.0
-  loss.mar_epochs = 20  # G
-  loss.mar_rho = 20.0  # rho
+  loss.mar_epochs = 20  # G; --begin_epoch=20
+  loss.mar_rho = 20.0  # rho; --weights 20.0
   loss.mar_difficulty = "relative"  # relative: relu(l_s - l_t); student: l_s (CMAD_t)
   # Ablations: False removes the term / the MAR weighting.
   loss.use_cafd = True
@@ -200,9 +195,11 @@ def base_config() -> ml_collections.ConfigDict:
   loss.use_aux = True
 
   # Teacher stage: full modalities (same variants as MCUR's Table 14 are available).
-  # The teacher shares config.train (optimiser, batch size, selection) with the student.
+  # Official teacher (Teacher_Model/train_teacher_model.py, README command): 80 epochs,
+  # AdamW 2e-5, batch 128, constant rate, gradient norm clipped at 1.0.
   config.teacher = ml_collections.ConfigDict()
-  config.teacher.num_epochs = 100
+  config.teacher.num_epochs = 80
+  config.teacher.grad_clip = 1.0  # torch.nn.utils.clip_grad_norm_(..., args.clip = 1.0)
   config.teacher.missing = ml_collections.ConfigDict(config.missing.to_dict())
   config.teacher.missing.kind = "none"
 
@@ -210,11 +207,20 @@ def base_config() -> ml_collections.ConfigDict:
   config.missing.kind = "drop"
   config.missing.probs = missing.CMAD_DROP
 
+  # Official student (stu_config_mosei.py + README command): AdamW 2e-5 (eps 1e-8), weight
+  # decay 1e-4 (the first of its two `weight_decay` flags sets the default), batch 128,
+  # 80 epochs, constant rate (`--schedule 180 200` lies past the last epoch, no --cos),
+  # no gradient clipping.
   config.train.optimizer = "adamw"
   config.train.learning_rate = 2e-5
-  config.train.weight_decay = 0.01
+  config.train.weight_decay = 1e-4
   config.train.batch_size = 128
-  config.train.num_epochs = 100
+  config.train.num_epochs = 80
+  config.train.schedule = "constant"
+  config.train.grad_clip = 0.0
+  # Student kept: the best dev F1 (acc2/F1 on non-zero labels) on full modalities.
+  config.train.selection_metric = "f1_non0"
+  config.train.selection_scenarios = "full"
   return config
 
 
@@ -234,6 +240,9 @@ def _validate(config):
     if missing_config.kind not in missing.TRAINING_KINDS:
       raise ValueError(f"{name}.kind must be one of {missing.TRAINING_KINDS}, got "
                        f"{missing_config.kind!r}")
+  if config.loss.cafd_mode not in CAFD_MODES:
+    raise ValueError(f"config.loss.cafd_mode must be one of {CAFD_MODES}, got "
+                     f"{config.loss.cafd_mode!r}")
   if config.loss.mar_difficulty not in MAR_DIFFICULTIES:
     raise ValueError(f"config.loss.mar_difficulty must be one of {MAR_DIFFICULTIES}, got "
                      f"{config.loss.mar_difficulty!r}")
@@ -251,6 +260,9 @@ def build(config, spec: DataSpec) -> list[Stage]:
   student_missing = config.missing
   teacher_model = build_model(config, spec)
   student_model = build_model(config, spec)
+  # False: the student's training forward is deterministic (no dropout), as the official
+  # CMAD student, which is never put in train mode (docs/decisions.md).
+  student_train_mode = bool(config.model.student_train_mode)
   mar_epochs = int(loss_config.mar_epochs)
   rho = float(loss_config.mar_rho)
 
@@ -270,7 +282,7 @@ def build(config, spec: DataSpec) -> list[Stage]:
                                       train=False)
     student_batch, combination_ids = missing.apply_training_protocol(
         missing_key, batch, student_missing)
-    student_out = student_model.apply({"params": params}, student_batch, train=True,
+    student_out = student_model.apply({"params": params}, student_batch, train=student_train_mode,
                                       rngs={"dropout": dropout_key})
     loss, metrics, memory = student_objective(
         student_out, teacher_out, batch["label"], combination_ids, method_state["mar"],
@@ -282,6 +294,7 @@ def build(config, spec: DataSpec) -> list[Stage]:
 
   teacher = Stage(name="teacher", model=teacher_model, loss_fn=teacher_loss_fn,
                   num_epochs=config.teacher.num_epochs,
+                  grad_clip=config.teacher.get("grad_clip"),
                   trained_with_missing=teacher_missing.kind in _MISSING_KINDS)
   student = Stage(name="student", model=student_model, loss_fn=student_loss_fn,
                   init_state=init_state, end_epoch=end_epoch,

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Mapping
 
 import flax.linen as nn
@@ -227,6 +228,18 @@ def build_with_text_encoder(build: Callable, config, spec: DataSpec) -> list[Sta
           for stage in build(config, text_spec)]
 
 
+def parameter_counts(params) -> dict[str, int]:
+  """Parameter counts of a stage's params (arrays or `jax.eval_shape` shapes): `num_params`,
+  `num_params_text_encoder` (the BERT branch; 0 without one) and
+  `num_params_without_text_encoder`."""
+  count = lambda tree: int(sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree)))
+  total = count(params)
+  text = count(params["text_encoder"]) if isinstance(params, Mapping) and (
+      "text_encoder" in params) else 0
+  return {"num_params": total, "num_params_text_encoder": text,
+          "num_params_without_text_encoder": total - text}
+
+
 def uses_text_encoder(config) -> bool:
   """Whether a run config fine-tunes a text encoder (and so reads `text_ids`)."""
   model = config.get("model") if hasattr(config, "get") else None
@@ -235,6 +248,7 @@ def uses_text_encoder(config) -> bool:
 
 __all__ = [
     "TEACHER_TEXT", "TEXT_ENCODERS", "TOKEN_KEYS", "TextEncoderModel", "build_with_text_encoder",
-    "encode_text", "encoder_from_config", "masked_token_ids", "teacher_inputs",
+    "encode_text", "encoder_from_config", "masked_token_ids", "parameter_counts",
+    "teacher_inputs",
     "uses_text_encoder", "with_text_encoder",
 ]
