@@ -3,10 +3,10 @@ r"""Throughput benchmark of a method's compiled train step and evaluation forwar
     python -m mer_jax.bench --config configs/dqf_mosei.py:synthetic --steps 20
 
 Prints one JSON line: compile time, train steps/s and samples/s (median of repeats with
-min/max), evaluation samples/s, parameter counts (all, the text encoder's and without
-it), achieved FLOP/s of the train step
-(XLA's cost analysis) against an fp32 matmul rate measured in the same run, peak device
-memory where the backend reports it, and the device kind and count. For two-stage
+min/max), evaluation samples/s, parameter counts (`num_params`, the text encoder's and
+without it), achieved FLOP/s of the train step (XLA's cost analysis) against an fp32
+matmul rate measured in the same run, peak device memory where the backend reports it,
+and the device kind and count. For two-stage
 methods the last stage (the student, teacher forward included) is measured.
 
 Ratios measured in the same run: `eval_batched_speedup`, the 7 fixed combinations
@@ -127,7 +127,7 @@ def run_benchmark(config, *, steps: int = 10, repeats: int = 3) -> dict:
     seeds_seconds = float(np.median(_timed(run_seed_steps, repeats))) / steps
     del stacked
 
-  predictor = Predictor(stage, mesh, config.eval.batch_size, on_device=config.data.on_device)
+  predictor = Predictor.from_config(stage, mesh, config)
   split = splits["test"]
   full = missing.fixed_modality_mask(len(split["label"]), 6)
   predict = lambda: predictor.predict_split(state.params, state.method_state, split,

@@ -53,6 +53,14 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.num_valid = 0
   config.data.num_test = 0
   config.data.cache_dir = ""  # Where TFDS builders write; "" = ~/.cache/mer_jax/tfds.
+  # Per modality (text, audio, vision), which features a source reads; () = the source's
+  # default: merbench Baichuan-13B-Base-FRA / wav2vec2-large-960h-FRA /
+  # clip-vit-large-patch14-FRA, mmin bert_large / comparE (MSP-IMPROV comparE_raw) /
+  # denseface, npz the keys text / audio / vision. mmsa and mult have one feature set.
+  config.data.features = ()
+  # Per modality, the longest sequence kept (longer ones are average-pooled to it);
+  # () = as stored. Read by merbench and mmin.
+  config.data.max_lengths = ()
 
   # Optimiser and loop.
   config.train = ml_collections.ConfigDict()
@@ -71,16 +79,28 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.log_every_steps = 10
   config.train.progress = True  # tqdm bars
   # Model selection on the validation split: this metric, averaged over the 7 fixed
-  # combinations ("fixed") or on full modalities ("full").
+  # combinations ("fixed"), on full modalities ("full"), or on full modalities with every
+  # modality's frames dropped at `selection_frame_rate` ("frame", LNLN's protocol).
   config.train.selection_metric = ""  # "" = the task's primary metric
   config.train.selection_scenarios = "fixed"
+  config.train.selection_frame_rate = 0.5
+  # Checkpoints: `latest` every N epochs, and also mid-epoch once this many seconds have
+  # passed since the last write (0 = off); the best state waits on the devices and is
+  # written with the next `latest`. SIGTERM always writes one (exit 75); a SIGKILL loses
+  # at most one interval.
+  config.train.checkpoint_every_epochs = 1
+  config.train.checkpoint_every_seconds = 0.0
 
   # Training-time missing-modality protocol (SPEC section 5); methods override.
   config.missing = ml_collections.ConfigDict()
   config.missing.kind = "none"  # none | drop | random_mr | frame_lnln | frame_dqf | noise
   config.missing.probs = (1 / 7,) * 7
   config.missing.missing_rate = 0.0
-  config.missing.fill = "zero"  # zero | normal
+  config.missing.fill = "zero"  # zero | normal: what a dropped frame becomes
+  # Dropped frames are replaced and stay unflagged in the frame masks (LNLN, EASE, DQF):
+  # the model sees the corrupted sequence. True also masks them out like padding, in
+  # training and in every frame-level evaluation scenario.
+  config.missing.flag_dropped_frames = False
   config.missing.noise_intensity = 0.0
 
   # Evaluation protocols run at the end of training and by `mer_jax.evaluate`.
@@ -89,6 +109,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval.missing_rates = MISSING_RATES
   config.eval.frame_rates = FRAME_RATES
   config.eval.frame_sets = COMBINATION_NAMES
+  config.eval.frame_mode = "random"  # random: each frame w.p. r | span: one run (DQF supp.)
+  config.eval.frame_fill = "zero"  # zero | normal
   config.eval.noise_intensities = ()
   config.eval.batch_size = 256
   # Scenarios evaluated together in one compiled call (vmapped); memory grows with it.
@@ -135,11 +157,17 @@ _CHOICES = {
     "train.optimizer": ("adamw", "adam", "sgd"),
     "train.schedule": ("constant", "cosine", "linear"),
     "train.on_nonfinite": ("stop", "skip"),
-    "train.selection_scenarios": ("fixed", "full"),
+    "train.selection_scenarios": ("fixed", "full", "frame"),
+    "teacher.selection": ("best", "last"),
     "eval.checkpoint": ("best", "latest"),
     "missing.fill": ("zero", "normal"),
+    "eval.frame_mode": ("random", "span"),
+    "eval.frame_fill": ("zero", "normal"),
     "model.text_encoder": ("features", "bert"),
 }
+# Which sources read the per-modality `config.data` options.
+DATA_OPTION_READERS = {"features": ("merbench", "mmin", "npz"),
+                       "max_lengths": ("merbench", "mmin")}
 # Sources whose splits carry token ids (`text_ids`, `text_segments`) for a text encoder.
 TOKEN_ID_SOURCES = ("mmsa",)
 
@@ -197,6 +225,16 @@ def validate_config(config, spec=None, *, num_train: int | None = None) -> None:
       fail(field, "must be >= 1")
   if _get(config, "teacher.num_epochs") is not None and int(config.teacher.num_epochs) < 1:
     fail("teacher.num_epochs", "must be >= 1")
+  if int(config.train.checkpoint_every_epochs) < 1:
+    fail("train.checkpoint_every_epochs", "must be >= 1")
+  if float(config.train.checkpoint_every_seconds) < 0:
+    fail("train.checkpoint_every_seconds", "must be >= 0 (0 = no time-based writes)")
+  if not 0.0 <= float(config.train.selection_frame_rate) <= 1.0:
+    fail("train.selection_frame_rate", "must be in [0, 1]")
+  for field in ("train.learning_rate", "teacher.learning_rate"):
+    if _get(config, field) is not None and float(_get(config, field)) < 0:
+      fail(field, "must be >= 0" + (" (0 = config.train.learning_rate)"
+                                   if field.startswith("teacher") else ""))
   if _get(config, "model.text_encoder") == "bert":
     if not _get(config, "model.text_encoder_path"):
       fail("model.text_encoder_path", "config.model.text_encoder='bert' fine-tunes BERT as "
@@ -210,6 +248,17 @@ def validate_config(config, spec=None, *, num_train: int | None = None) -> None:
            f"ids of {TOKEN_ID_SOURCES} data (MMSA text_bert)")
   if float(_get(config, "train.text_encoder_learning_rate") or 0.0) < 0:
     fail("train.text_encoder_learning_rate", "must be >= 0 (0 = config.train.learning_rate)")
+
+  for field, readers in DATA_OPTION_READERS.items():
+    value = tuple(_get(config, f"data.{field}") or ())
+    if value and config.data.source not in readers:
+      fail(f"data.{field}", f"is not read by config.data.source={config.data.source!r}; "
+           f"only by {readers} (leave it () for the source's own features)")
+    if value and len(value) != 3:
+      fail(f"data.{field}", "must have three entries (text, audio, vision), or be () for the "
+           "source's default")
+  if any(int(v) < 0 for v in tuple(_get(config, "data.max_lengths") or ())):
+    fail("data.max_lengths", "must be >= 0 per modality (0 = as stored)")
 
   visible = jax.device_count()
   if config.num_devices < 0 or config.num_devices > visible:

@@ -253,7 +253,7 @@ def evaluate_run(workdir: str, config=None, *, checkpoint: str | None = None,
   all_results = {}
   for index, stage in enumerate(stages):
     params, method_state, epoch = load_stage_params(workdir, stage, example, checkpoint=checkpoint)
-    predictor = Predictor(stage, mesh, config.eval.batch_size, on_device=config.data.on_device)
+    predictor = Predictor.from_config(stage, mesh, config)
     results, stage_embeddings = run_scenarios(
         predictor, params, method_state, split, spec, config.eval, key=eval_key,
         keep_embeddings=keep_embeddings)

@@ -44,8 +44,9 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
 # Fields that may change between a run and its resumption: they do not change what a
 # finished step computed.
 RESUMABLE_CHANGES = ("train.num_epochs", "train.progress", "train.log_every_steps",
-                     "train.on_nonfinite", "num_devices", "data.on_device", "data.cache_dir",
-                     "data.spec")
+                     "train.on_nonfinite", "train.checkpoint_every_epochs",
+                     "train.checkpoint_every_seconds", "num_devices", "data.on_device",
+                     "data.cache_dir", "data.spec")
 
 
 def _flatten(tree, prefix=""):

@@ -236,6 +236,13 @@ def test_masked_token_ids_replace_dropped_words_by_unk_and_keep_cls_sep():
   masked, attention = text_encoder.masked_token_ids(ids, kept, TOKENS)
   np.testing.assert_array_equal(masked, [[101, 105, 100, 100, 102, 0, 0]])
   np.testing.assert_array_equal(attention, ids != 0)
+  # Unflagged drops (the default protocol): the mask marks real tokens, `text_dropped`
+  # the dropped ones; [CLS] and [SEP] stay even when drawn.
+  real = ids != 0
+  drawn = np.array([[True, False, True, False, True, False, False]])
+  masked, attention = text_encoder.masked_token_ids(ids, real, TOKENS, drawn)
+  np.testing.assert_array_equal(masked, [[101, 105, 100, 107, 102, 0, 0]])
+  np.testing.assert_array_equal(attention, real)
 
 
 class PooledText(nn.Module):
@@ -281,8 +288,10 @@ def test_wrapper_encodes_after_the_protocol_without_leaking_dropped_words():
   loss, _ = stage.loss_fn(params, {}, batch, key, StageContext())
   # The same protocol draw, then the deterministic forward (TextEncoderModel).
   masked = missing.apply_frame_masking(key, batch, jnp.array([0.5, 0.0, 0.0]))
-  dropped = batch["text_mask"] & ~np.asarray(masked["text_mask"])
-  assert dropped.any()
+  # LNLN: the attention/padding mask is unchanged; the dropped tokens are recorded.
+  np.testing.assert_array_equal(masked["text_mask"], batch["text_mask"])
+  dropped = np.asarray(masked[missing.DROPPED_TEXT])
+  assert dropped.any() and not (dropped & ~batch["text_mask"]).any()
   np.testing.assert_allclose(loss, stage.predict(params, {}, masked)["output"].sum(), rtol=1e-5)
   # BERT saw [UNK] at the dropped words: other ids there change nothing.
   other = dict(batch, text_ids=np.where(dropped & (batch["text_ids"] > 102), 105,
@@ -290,7 +299,7 @@ def test_wrapper_encodes_after_the_protocol_without_leaking_dropped_words():
   np.testing.assert_allclose(stage.loss_fn(params, {}, other, key, StageContext())[0], loss,
                              rtol=1e-6)
   # ... while a kept word does change the output.
-  kept = np.asarray(masked["text_mask"]) & (batch["text_ids"] > 102)
+  kept = batch["text_mask"] & ~dropped & (batch["text_ids"] > 102)
   changed = dict(batch, text_ids=np.where(kept, 200 - batch["text_ids"] - 90,
                                           batch["text_ids"]))
   assert not np.allclose(stage.loss_fn(params, {}, changed, key, StageContext())[0], loss)

@@ -221,41 +221,79 @@ def test_frame_drop_span_is_consecutive_with_right_length():
     missing.frame_drop(jax.random.key(0), mask, 0.5, mode="block")
 
 
+def _replaced_frames(before, after):
+  """(B, T) bool: real frames whose features the protocol changed (the synthetic
+  features are N(0, 1), so a dropped frame is never left as it was)."""
+  return (np.asarray(after) != np.asarray(before)).any(axis=-1)
+
+
+@pytest.mark.parametrize("flag_dropped", [False, True])
 @pytest.mark.parametrize("fill", ["zero", "normal"])
-def test_apply_frame_masking_fill(fill):
+def test_apply_frame_masking_fill_masks_and_padding(fill, flag_dropped):
   batch = _long_batch(32)
   rates = np.array([0.5, 0.0, 1.0], np.float32)
-  out = jax.jit(functools.partial(missing.apply_frame_masking, fill=fill))(
-      jax.random.key(1), batch, rates)
-  # Audio (rate 0) untouched; vision (rate 1) has no real frame left.
+  out = jax.jit(functools.partial(missing.apply_frame_masking, fill=fill,
+                                  flag_dropped=flag_dropped))(jax.random.key(1), batch, rates)
+  # Audio (rate 0) untouched.
   np.testing.assert_array_equal(out["audio"], batch["audio"])
   np.testing.assert_array_equal(out["audio_mask"], batch["audio_mask"])
-  assert not np.asarray(out["vision_mask"]).any()
-  dropped = batch["text_mask"] & ~np.asarray(out["text_mask"])
-  kept = np.asarray(out["text_mask"])
-  assert dropped.sum() > 0
-  np.testing.assert_array_equal(np.asarray(out["text"])[kept], batch["text"][kept])
+  # The same draw whatever flag_dropped: it only decides what the masks say.
+  reference = missing.apply_frame_masking(jax.random.key(1), batch, rates, fill=fill)
+  np.testing.assert_array_equal(out["text"], reference["text"])
+  dropped = _replaced_frames(batch["text"], out["text"])
+  assert not (dropped & ~batch["text_mask"]).any()  # padding is never touched
+  real = batch["text_mask"].sum()
+  assert 0.4 < dropped.sum() / real < 0.6
   padding = ~batch["text_mask"]
   np.testing.assert_array_equal(np.asarray(out["text"])[padding], batch["text"][padding])
+  kept = batch["text_mask"] & ~dropped
+  np.testing.assert_array_equal(np.asarray(out["text"])[kept], batch["text"][kept])
+  # Vision at rate 1: every real frame replaced.
+  np.testing.assert_array_equal(_replaced_frames(batch["vision"], out["vision"]),
+                                batch["vision_mask"])
   replaced = np.asarray(out["text"])[dropped]
   if fill == "zero":
     assert not replaced.any()
   else:
     assert abs(replaced.mean()) < 0.15 and abs(replaced.std() - 1.0) < 0.1
-    assert not np.isclose(replaced, batch["text"][dropped]).all()
+  if flag_dropped:  # dropped frames are masked out like padding
+    np.testing.assert_array_equal(out["text_mask"], kept)
+    assert not np.asarray(out["vision_mask"]).any()
+  else:  # LNLN/DQF: the masks keep marking only padding
+    for name in ("text", "audio", "vision"):
+      np.testing.assert_array_equal(out[f"{name}_mask"], batch[f"{name}_mask"])
+  assert missing.DROPPED_TEXT not in out  # no token ids in this batch
   with pytest.raises(ValueError, match="fill"):
     missing.apply_frame_masking(jax.random.key(0), batch, rates, fill="mean")
+
+
+def test_apply_frame_masking_records_dropped_tokens_when_the_batch_has_ids():
+  batch = _long_batch(16)
+  batch["text_ids"] = np.where(batch["text_mask"], 1000, 0).astype(np.int32)
+  out = missing.apply_frame_masking(jax.random.key(2), batch, np.array([0.5, 0.0, 0.0]))
+  dropped = np.asarray(out[missing.DROPPED_TEXT])
+  np.testing.assert_array_equal(dropped, _replaced_frames(batch["text"], out["text"]))
+  np.testing.assert_array_equal(out["text_ids"], batch["text_ids"])
+  np.testing.assert_array_equal(out["text_mask"], batch["text_mask"])
+  # A second protocol adds its drops to the record.
+  again = missing.apply_frame_masking(jax.random.key(3), out, np.array([0.5, 0.0, 0.0]))
+  assert (np.asarray(again[missing.DROPPED_TEXT]) >= dropped).all()
+  assert np.asarray(again[missing.DROPPED_TEXT]).sum() > dropped.sum()
 
 
 def test_apply_frame_masking_per_sample_rates():
   batch = _long_batch(8)
   rates = np.zeros((8, 3), np.float32)
   rates[3] = 1.0
-  out = missing.apply_frame_masking(jax.random.key(0), batch, rates)
-  for name in ("text", "audio", "vision"):
-    np.testing.assert_array_equal(np.delete(np.asarray(out[f"{name}_mask"]), 3, axis=0),
-                                  np.delete(batch[f"{name}_mask"], 3, axis=0))
-    assert not np.asarray(out[f"{name}_mask"])[3].any()
+  for flag_dropped in (False, True):
+    out = missing.apply_frame_masking(jax.random.key(0), batch, rates,
+                                      flag_dropped=flag_dropped)
+    for name in ("text", "audio", "vision"):
+      replaced = _replaced_frames(batch[name], out[name])
+      np.testing.assert_array_equal(np.delete(replaced, 3, axis=0), False)
+      np.testing.assert_array_equal(replaced[3], batch[f"{name}_mask"][3])
+      expected = batch[f"{name}_mask"] & ~replaced if flag_dropped else batch[f"{name}_mask"]
+      np.testing.assert_array_equal(out[f"{name}_mask"], expected)
 
 
 def test_lnln_frame_rates():
@@ -322,9 +360,17 @@ def test_apply_training_protocol_kinds(kind):
   if kind == "none":
     chex.assert_trees_all_equal({k: out[k] for k in batch}, batch)
   if kind.startswith("frame"):
-    dropped = sum((batch[f"{n}_mask"] & ~np.asarray(out[f"{n}_mask"])).sum()
-                  for n in ("text", "audio", "vision"))
+    dropped = sum(_replaced_frames(batch[n], out[n]).sum() for n in ("text", "audio", "vision"))
     assert dropped > 0
+    for name in ("text", "audio", "vision"):  # unflagged by default
+      np.testing.assert_array_equal(out[f"{name}_mask"], batch[f"{name}_mask"])
+    config.flag_dropped_frames = True
+    flagged, _ = jax.jit(lambda key, b: missing.apply_training_protocol(key, b, config))(
+        jax.random.key(0), batch)
+    for name in ("text", "audio", "vision"):
+      np.testing.assert_array_equal(
+          flagged[f"{name}_mask"], batch[f"{name}_mask"] & ~_replaced_frames(batch[name],
+                                                                           out[name]))
   if kind == "noise":
     assert not np.allclose(out["text"], batch["text"])
 
@@ -364,6 +410,8 @@ def test_eval_scenarios_defaults_and_noise():
   assert [s.name for s in scenarios] == ["frame0.5_LAV", "noise0.5", "noise20.0"]
   assert scenarios[-1].kind == "noise" and scenarios[-1].rate == 20.0
   assert len(missing.eval_scenarios({})) == 7
+  flagged = missing.eval_scenarios({"fixed": False, "frame_rates": [0.5]}, flag_dropped=True)
+  assert flagged and all(s.flag_dropped for s in flagged)
 
 
 def test_apply_scenario_random_mr_independent_of_batch_size():
@@ -395,9 +443,14 @@ def test_apply_scenario_fixed_frame_noise():
   np.testing.assert_array_equal(out["modality_mask"], np.tile([True, False, True], (8, 1)))
   assert not np.asarray(out["audio"]).any()
   out = run(key, batch, missing.Scenario("frame1.0_AV", "frame", 5, 1.0))
+  for name in ("text", "audio", "vision"):
+    np.testing.assert_array_equal(out[f"{name}_mask"], batch[f"{name}_mask"])
+  np.testing.assert_array_equal(out["text"], batch["text"])
+  assert not np.asarray(out["audio"]).any() and not np.asarray(out["vision"]).any()
+  assert np.asarray(out["modality_mask"]).all()
+  out = run(key, batch, missing.Scenario("frame1.0_AV", "frame", 5, 1.0, flag_dropped=True))
   np.testing.assert_array_equal(out["text_mask"], batch["text_mask"])
   assert not np.asarray(out["audio_mask"]).any() and not np.asarray(out["vision_mask"]).any()
-  assert np.asarray(out["modality_mask"]).all()
   out = run(key, batch, missing.Scenario("noise1.0", "noise", rate=1.0))
   assert not np.allclose(out["vision"], batch["vision"])
   np.testing.assert_array_equal(out["vision_mask"], batch["vision_mask"])

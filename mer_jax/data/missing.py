@@ -14,9 +14,14 @@ Conventions decided here (see docs/decisions.md):
 - An absent modality has its features zeroed *and* its frame mask set to False, so
   masked pooling and attention ignore it; models must therefore accept a modality with
   no real frame (the `mer_jax.nn` pooling/attention blocks return 0, not NaN).
-- Frame-level masking flags dropped frames in the frame masks and leaves
-  `modality_mask` unchanged: a modality with every frame dropped is still "present"
-  at the modality level (combination id 6), its frame mask is all False.
+- Frame-level masking replaces dropped frames (zeros, or N(0, 1) samples) and leaves
+  the frame masks and `modality_mask` unchanged, as LNLN, EASE and DQF do: the model
+  sees the corrupted sequence at its full length and must cope with it. Flagging the
+  dropped frames in the masks (`flag_dropped=True`, `config.missing.flag_dropped_frames`)
+  is the opt-in variant; it lets masked pooling and attention skip the gaps, which
+  flattens frame-level robustness curves. With BERT token ids in the batch, the dropped
+  text positions are recorded in `text_dropped` and the text encoder feeds [UNK] there
+  (`methods.text_encoder.masked_token_ids`).
 """
 
 from __future__ import annotations
@@ -51,6 +56,9 @@ TRAINING_KINDS = ("none", "drop", "random_mr", "frame_lnln", "frame_dqf", "noise
 SCENARIO_KINDS = ("fixed", "random_mr", "frame", "noise")
 FRAME_MODES = ("random", "span")
 FILLS = ("zero", "normal")
+# Batch key of the text positions a frame-level protocol dropped, set when the batch
+# carries BERT token ids (`text_ids`): the text encoder feeds [UNK] there.
+DROPPED_TEXT = "text_dropped"
 
 # Above this many count profiles the exact sampler's table would not fit comfortably;
 # only reachable with many modalities (the profile lattice has M - 2 dimensions).
@@ -282,8 +290,8 @@ def frame_drop(key, frame_mask, rate, *, mode: str = "random"):
 
 
 def apply_frame_masking(key, batch: Mapping, rates, *, mode: str = "random",
-                        fill: str = "zero") -> dict:
-  """Frame-level missing on every modality of a batch.
+                        fill: str = "zero", flag_dropped: bool = False) -> dict:
+  """Frame-level missing on every modality of a batch (SPEC sections 4, 5 and 8).
 
   Args:
     key: jax.random key.
@@ -291,10 +299,14 @@ def apply_frame_masking(key, batch: Mapping, rates, *, mode: str = "random",
     rates: (3,) or (B, 3) drop rate per modality (L, A, V); 0 leaves a modality untouched.
     mode: "random" or "span" (see `frame_drop`).
     fill: dropped frames become zeros ("zero") or N(0, 1) samples ("normal").
+    flag_dropped: also mark dropped frames False in `*_mask`, like padding (the opt-in
+      variant); by default the masks keep marking only padding.
 
   Returns:
-    A new dict with replaced features and dropped frames flagged False in `*_mask`;
-    `modality_mask` is unchanged.
+    A new dict with dropped real frames replaced; padded frames are untouched and
+    `modality_mask` is unchanged. A batch with BERT token ids (`text_ids`) also gets
+    `text_dropped` (B, T) bool, the text positions dropped so far, which the text encoder
+    turns into [UNK] tokens ([CLS]/[SEP] are never replaced).
   """
   if fill not in FILLS:
     raise ValueError(f"frame fill must be one of {FILLS}, got {fill!r}")
@@ -308,13 +320,16 @@ def apply_frame_masking(key, batch: Mapping, rates, *, mode: str = "random",
     features = jnp.asarray(batch[name])
     old_mask = jnp.asarray(batch[f"{name}_mask"], bool)
     new_mask = frame_drop(drop_key, old_mask, rates[..., index], mode=mode)
-    dropped = (old_mask & ~new_mask)[..., None]
+    dropped = old_mask & ~new_mask
     if fill == "zero":
       replacement = jnp.zeros_like(features)
     else:
       replacement = jax.random.normal(fill_key, features.shape, features.dtype)
-    out[name] = jnp.where(dropped, replacement, features)
-    out[f"{name}_mask"] = new_mask
+    out[name] = jnp.where(dropped[..., None], replacement, features)
+    if flag_dropped:
+      out[f"{name}_mask"] = new_mask
+    if name == "text" and "text_ids" in batch:
+      out[DROPPED_TEXT] = jnp.asarray(batch.get(DROPPED_TEXT, False), bool) | dropped
   return out
 
 
@@ -385,7 +400,7 @@ def apply_training_protocol(key, batch: Mapping, missing_config):
   Kinds: "none" (full modalities), "drop" (`probs`, 7 weights), "random_mr"
   (`missing_rate`, exact MR within the batch), "frame_lnln" / "frame_dqf" (frame masking
   with `lnln_frame_rates` / `dqf_frame_rates`, `fill` default "zero", `mode` default
-  "random"), "noise" (`noise_intensity`).
+  "random", `flag_dropped_frames` default False), "noise" (`noise_intensity`).
 
   Returns:
     (batch with `modality_mask` set, combination_ids (B,) int32 of that mask).
@@ -407,9 +422,10 @@ def apply_training_protocol(key, batch: Mapping, missing_config):
   if kind in ("frame_lnln", "frame_dqf"):
     rates = (lnln_frame_rates(frame_key, batch_size) if kind == "frame_lnln"
              else dqf_frame_rates(frame_key))
-    batch = apply_frame_masking(frame_key, batch, rates,
-                                mode=_field(missing_config, "mode", "random"),
-                                fill=_field(missing_config, "fill", "zero"))
+    batch = apply_frame_masking(
+        frame_key, batch, rates, mode=_field(missing_config, "mode", "random"),
+        fill=_field(missing_config, "fill", "zero"),
+        flag_dropped=bool(_field(missing_config, "flag_dropped_frames", False)))
   elif kind == "noise":
     batch = add_noise(frame_key, batch, _field(missing_config, "noise_intensity", 0.0))
   return batch, combination_ids(batch["modality_mask"])
@@ -428,7 +444,7 @@ class Scenario:
     combination: for "fixed", the combination id of the *present* modalities; for
       "frame", the id of the *masked* set (MASKED_SETS); 6 otherwise.
     rate: MR ("random_mr"), frame drop rate ("frame"), noise intensity ("noise").
-    mode, fill: frame masking options ("frame").
+    mode, fill, flag_dropped: frame masking options ("frame"; see `apply_frame_masking`).
   """
 
   name: str
@@ -437,6 +453,7 @@ class Scenario:
   rate: float = 0.0
   mode: str = "random"
   fill: str = "zero"
+  flag_dropped: bool = False
 
 
 def format_rate(rate: float) -> str:
@@ -445,10 +462,11 @@ def format_rate(rate: float) -> str:
   return f"{rate:.1f}" if round(rate, 1) == rate else f"{rate:g}"
 
 
-def eval_scenarios(eval_config) -> list[Scenario]:
+def eval_scenarios(eval_config, *, flag_dropped: bool = False) -> list[Scenario]:
   """The scenarios of `config.eval`, in this order: the 7 fixed combinations (`fixed`),
   random MR (`missing_rates`), frame-level per masked set and rate (`frame_sets` x
-  `frame_rates`, without rate 1.0 on the all-three set "LAV"), noise
+  `frame_rates`, without rate 1.0 on the all-three set "LAV"; masked per `frame_mode`,
+  `frame_fill` and `flag_dropped`, i.e. `config.missing.flag_dropped_frames`), noise
   (`noise_intensities`). Missing fields fall back to: fixed True, no MR, no frame
   rates, all 7 sets, no noise."""
   scenarios = []
@@ -466,7 +484,7 @@ def eval_scenarios(eval_config) -> list[Scenario]:
       if set_name == "LAV" and float(rate) >= 1.0:
         continue
       scenarios.append(Scenario(f"frame{format_rate(rate)}_{set_name}", "frame", set_index,
-                                float(rate), mode, fill))
+                                float(rate), mode, fill, bool(flag_dropped)))
   for intensity in _field(eval_config, "noise_intensities", ()) or ():
     scenarios.append(Scenario(f"noise{format_rate(intensity)}", "noise", rate=float(intensity)))
   return scenarios
@@ -499,14 +517,16 @@ def apply_scenario(key, batch: Mapping, scenario: Scenario, sample_index=None,
   batch = apply_modality_mask(batch, fixed_modality_mask(batch_size, FULL_COMBINATION))
   if scenario.kind == "frame":
     rates = scenario.rate * jnp.asarray(MASKED_SETS[scenario.combination], jnp.float32)
-    return apply_frame_masking(key, batch, rates, mode=scenario.mode, fill=scenario.fill)
+    return apply_frame_masking(key, batch, rates, mode=scenario.mode, fill=scenario.fill,
+                               flag_dropped=scenario.flag_dropped)
   if scenario.kind == "noise":
     return add_noise(key, batch, scenario.rate)
   raise ValueError(f"scenario kind must be one of {SCENARIO_KINDS}, got {scenario.kind!r}")
 
 
 __all__ = [
-    "CMAD_DROP", "COMBINATIONS", "COMBINATION_NAMES", "MASKED_SETS", "Scenario", "UNIFORM_DROP",
+    "CMAD_DROP", "COMBINATIONS", "COMBINATION_NAMES", "DROPPED_TEXT", "MASKED_SETS", "Scenario",
+    "UNIFORM_DROP",
     "add_noise", "apply_frame_masking", "apply_modality_mask", "apply_scenario",
     "apply_training_protocol", "combination_ids", "dqf_frame_rates", "eval_scenarios",
     "fixed_modality_mask", "format_rate", "frame_drop", "lnln_frame_rates",

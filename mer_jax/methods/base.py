@@ -60,6 +60,12 @@ class Stage:
       (teachers train on full modalities).
     compute_dtype: dtype of the forward computation (`with_compute_dtype`); params,
       optimiser state and method state stay float32.
+    learning_rate: peak learning rate of this stage (None: `config.train.learning_rate`;
+      MCUR's teacher, A.2.3, has its own).
+    selection: which epoch the stage keeps: "best" on the validation split, or "last"
+      (the official CMAD teacher is the last epoch of its run).
+    selection_scenarios: the validation scenarios "best" selects on (None:
+      `config.train.selection_scenarios`; see `trainer.validate`).
     grad_clip: this stage's global-norm gradient clip (0 disables); None =
       `config.train.grad_clip` (the official CMAD teacher clips at 1.0, its student not).
   """
@@ -72,6 +78,9 @@ class Stage:
   num_epochs: int = 1
   trained_with_missing: bool = True
   compute_dtype: str = "float32"
+  learning_rate: float | None = None
+  selection: str = "best"
+  selection_scenarios: str | None = None
   grad_clip: float | None = None
 
   def predict(self, params, method_state, batch):
@@ -85,6 +94,7 @@ class Stage:
 
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
+SELECTIONS = ("best", "last")
 
 
 def cast_floating(tree, dtype):

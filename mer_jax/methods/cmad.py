@@ -199,6 +199,10 @@ def base_config() -> ml_collections.ConfigDict:
   # AdamW 2e-5, batch 128, constant rate, gradient norm clipped at 1.0.
   config.teacher = ml_collections.ConfigDict()
   config.teacher.num_epochs = 80
+  config.teacher.learning_rate = 0.0  # 0 = config.train.learning_rate (2e-5 for both)
+  # The teacher file is rewritten every epoch (`torch.save` in `train`), so the student
+  # reads the last epoch's teacher.
+  config.teacher.selection = "last"
   config.teacher.grad_clip = 1.0  # torch.nn.utils.clip_grad_norm_(..., args.clip = 1.0)
   config.teacher.missing = ml_collections.ConfigDict(config.missing.to_dict())
   config.teacher.missing.kind = "none"
@@ -294,6 +298,8 @@ def build(config, spec: DataSpec) -> list[Stage]:
 
   teacher = Stage(name="teacher", model=teacher_model, loss_fn=teacher_loss_fn,
                   num_epochs=config.teacher.num_epochs,
+                  learning_rate=float(config.teacher.learning_rate) or None,
+                  selection=config.teacher.selection,
                   grad_clip=config.teacher.get("grad_clip"),
                   trained_with_missing=teacher_missing.kind in _MISSING_KINDS)
   student = Stage(name="student", model=student_model, loss_fn=student_loss_fn,

@@ -242,6 +242,9 @@ def base_config() -> ml_collections.ConfigDict:
   # The teacher shares config.train (optimiser, batch size, selection) with the student.
   config.teacher = ml_collections.ConfigDict()
   config.teacher.num_epochs = 100
+  config.teacher.learning_rate = 0.0  # 0 = config.train.learning_rate
+  # best (on the validation split) | last epoch; the paper does not say: the fixed mean.
+  config.teacher.selection = "best"
   config.teacher.missing = ml_collections.ConfigDict(config.missing.to_dict())
   config.teacher.missing.kind = "none"
 
@@ -342,6 +345,8 @@ def build(config, spec: DataSpec) -> list[Stage]:
 
   teacher = Stage(name="teacher", model=teacher_model, loss_fn=teacher_loss_fn,
                   num_epochs=config.teacher.num_epochs,
+                  learning_rate=float(config.teacher.learning_rate) or None,
+                  selection=config.teacher.selection,
                   grad_clip=config.teacher.get("grad_clip"),
                   trained_with_missing=teacher_missing.kind in _MISSING_KINDS)
   student = Stage(name="student", model=student_model, loss_fn=student_loss_fn,

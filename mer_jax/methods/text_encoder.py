@@ -9,18 +9,18 @@ network sees `text` of width H (its text Conv1D input width follows the encoder)
 When the encoder runs. Text is encoded *after* the missing-modality protocol, inside
 the method's forward, so that a dropped word is hidden from BERT itself (encoding first
 and masking the hidden states would leak the dropped words into their neighbours'
-contextual states). The protocols are unchanged: they flag dropped tokens in
-`text_mask`; the encoder then reads, per LNLN (the EASE protocol):
+contextual states). The frame-level protocols record the text positions they drop in
+`text_dropped` (`data.missing.apply_frame_masking`; with `flag_dropped_frames` they are
+also flagged in `text_mask`); the encoder then reads, per LNLN (the EASE protocol):
 
   input ids   = the tokens, with every real token that the protocol dropped replaced by
-                [UNK], except [CLS] and [SEP], which are always kept;
+                the vocabulary's [UNK], except [CLS] and [SEP], which are always kept;
   attention   = the original attention mask (real tokens, [UNK]s included);
-  text        = hidden states on the positions `text_mask` keeps, zeros elsewhere (the
-                framework's convention for missing frames: dropped or absent positions
-                are flagged in the mask and zero).
+  text        = hidden states on the positions `text_mask` keeps, zeros elsewhere: by
+                default every real token, so the model sees the [UNK] states as LNLN
+                does; absent text (and flagged drops) are zero.
 
-The original attention mask is `text_ids != [PAD]` (the MMSA reader pads ids with 0), so
-the protocols, which only touch the modality arrays and masks, need no change. For the
+The original attention mask is `text_ids != [PAD]` (the MMSA reader pads ids with 0). For the
 deterministic forward (`Stage.predict`, used by validation, evaluation and prediction)
 the stage's model is `TextEncoderModel`, which encodes and then calls the method's
 network. In training, the method's loss applies its own network to the batches its
@@ -54,6 +54,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mer_jax.data.missing import DROPPED_TEXT
 from mer_jax.data.spec import DataSpec
 from mer_jax.methods.base import Stage, StageContext
 from mer_jax.nn import bert
@@ -63,14 +64,15 @@ TOKEN_KEYS = ("text_ids", "text_segments")
 TEACHER_TEXT = "teacher_text"
 
 
-def masked_token_ids(text_ids, text_mask, tokens: bert.SpecialTokens):
+def masked_token_ids(text_ids, text_mask, tokens: bert.SpecialTokens, text_dropped=None):
   """BERT inputs after a missing protocol, as LNLN builds them.
 
   Args:
     text_ids: (B, T) int token ids, [PAD] on padding.
-    text_mask: (B, T) bool, the protocol's frame mask (False on dropped tokens, padding
-      and absent text).
+    text_mask: (B, T) bool, the protocol's frame mask (False on padding, absent text and
+      tokens dropped with `flag_dropped_frames`).
     tokens: the special token ids.
+    text_dropped: (B, T) bool, the tokens a frame-level protocol dropped (None: none).
 
   Returns:
     (input_ids (B, T) int32 with dropped real tokens -> [UNK] except [CLS]/[SEP],
@@ -79,7 +81,10 @@ def masked_token_ids(text_ids, text_mask, tokens: bert.SpecialTokens):
   ids = jnp.asarray(text_ids, jnp.int32)
   attention = ids != tokens.pad
   special = (ids == tokens.cls) | (ids == tokens.sep)
-  dropped = attention & ~jnp.asarray(text_mask, bool) & ~special
+  hidden = ~jnp.asarray(text_mask, bool)
+  if text_dropped is not None:
+    hidden = hidden | jnp.asarray(text_dropped, bool)
+  dropped = attention & hidden & ~special
   return jnp.where(dropped, tokens.unk, ids), attention
 
 
@@ -99,13 +104,14 @@ def encode_text(encoder: bert.BertModel, params, batch: Mapping, tokens: bert.Sp
   Returns:
     A new dict without the token keys; `text` is zero where `text_mask` is False.
   """
-  ids, attention = masked_token_ids(batch["text_ids"], batch["text_mask"], tokens)
+  ids, attention = masked_token_ids(batch["text_ids"], batch["text_mask"], tokens,
+                                   batch.get(DROPPED_TEXT))
   segments = batch.get("text_segments")
   rngs = {"dropout": rng} if train and rng is not None else {}
   hidden = encoder.apply({"params": params}, ids, attention, segments,
                          train=train and rng is not None, rngs=rngs)["hidden"]
   keep = jnp.asarray(batch["text_mask"], bool)[..., None]
-  out = {k: v for k, v in batch.items() if k not in TOKEN_KEYS}
+  out = {k: v for k, v in batch.items() if k not in TOKEN_KEYS and k != DROPPED_TEXT}
   out["text"] = jnp.where(keep, hidden, jnp.zeros((), hidden.dtype))
   return out
 
@@ -115,7 +121,8 @@ def teacher_inputs(batch: Mapping) -> Mapping:
   encoding of the clean tokens (`teacher_text`, set by the wrapper); otherwise `batch`."""
   if TEACHER_TEXT not in batch:
     return batch
-  out = {k: v for k, v in batch.items() if k not in TOKEN_KEYS and k != TEACHER_TEXT}
+  out = {k: v for k, v in batch.items()
+         if k not in TOKEN_KEYS and k not in (TEACHER_TEXT, DROPPED_TEXT)}
   out["text"] = batch[TEACHER_TEXT]
   return out
 
