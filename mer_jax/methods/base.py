@@ -115,9 +115,11 @@ def cast_features(batch, dtype):
 def _float32_top_level_outputs(next_fun, args, kwargs, context):
   # A network's outputs leave it in float32, so every loss and metric reduces in float32
   # while the layers inside compute in the stage's dtype. A top-level module's parent is
-  # its flax Scope, a submodule's is another Module.
+  # its flax Scope, a submodule's is another Module; the body of a lifted transform
+  # (nn.scan, nn.vmap) has a Scope parent too, but a non-empty scope path.
   outputs = next_fun(*args, **kwargs)
-  if not isinstance(context.module.parent, nn.Module):
+  module = context.module
+  if not isinstance(module.parent, nn.Module) and not module.scope.path:
     outputs = cast_floating(outputs, jnp.float32)
   return outputs
 

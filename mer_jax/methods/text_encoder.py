@@ -138,7 +138,7 @@ def _pretrained_init(path: str, encoder: bert.BertModel) -> Callable:
       return random_init()
     shapes = jax.eval_shape(random_init)
     load = functools.partial(bert.load_params, path, encoder.config,
-                             use_pooler=encoder.use_pooler)
+                             use_pooler=encoder.use_pooler, scan=encoder.scan)
     return jax.pure_callback(load, shapes)
 
   return init
