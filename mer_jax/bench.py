@@ -7,7 +7,9 @@ min/max), evaluation samples/s, parameter counts (`num_params`, the text encoder
 without it), achieved FLOP/s of the train step (XLA's cost analysis) against an fp32
 matmul rate measured in the same run, peak device memory where the backend reports it,
 and the device kind and count. For two-stage
-methods the last stage (the student, teacher forward included) is measured.
+methods the last stage (the student) is measured, with the frozen teacher's outputs
+computed once for the split as the trainer does (`teacher_cache`; per step with
+`--config.train.cache_teacher=False`).
 
 Ratios measured in the same run: `eval_batched_speedup`, the 7 fixed combinations
 evaluated one compiled call per scenario against all in one vmapped call, and
@@ -20,6 +22,7 @@ leaves the device idle).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -34,7 +37,13 @@ from mer_jax import evaluate, parallel
 from mer_jax.data import missing, pipeline
 from mer_jax.methods import build_stages, text_encoder
 from mer_jax.methods.base import StageContext
-from mer_jax.trainer import Predictor, init_train_state, make_optimizer, make_train_step
+from mer_jax.trainer import (
+    Predictor,
+    init_train_state,
+    make_optimizer,
+    make_train_step,
+    teacher_outputs,
+)
 
 
 def _timed(fn, repeats: int) -> list[float]:
@@ -78,6 +87,10 @@ def run_benchmark(config, *, steps: int = 10, repeats: int = 3) -> dict:
   stage = stages[-1]
   tx = make_optimizer(config.train, batcher.steps_per_epoch(), stage.num_epochs)
   state = parallel.replicate(init_train_state(stage, tx, example, key), mesh)
+  cached = stage.teacher_forward is not None and config.train.get("cache_teacher", True)
+  if cached:  # the frozen teacher's outputs once for the split, as the trainer does
+    context = dataclasses.replace(context, teacher_outputs=teacher_outputs(stage, context,
+                                                                           batcher))
   step = make_train_step(stage, tx, key, context, mesh)
   rows = batcher.epoch_rows(config.seed, 0)
   batch = batcher.batch(rows[0])
@@ -156,6 +169,7 @@ def run_benchmark(config, *, steps: int = 10, repeats: int = 3) -> dict:
       "device_kind": device.device_kind, "num_devices": int(mesh.devices.size),
       "backend": jax.default_backend(),
       **text_encoder.parameter_counts(state.params),
+      "teacher_cache": cached,
       "compile_seconds": compile_seconds,
       "train_steps_per_second": 1 / median,
       "train_steps_per_second_min": 1 / max(step_times),

@@ -2,6 +2,7 @@
 epoch threshold, the ablation switches, and a two-stage run whose teacher checkpoint and
 MAR memory survive a second run."""
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -17,7 +18,7 @@ from conftest import REPO
 from helpers import random_batch, tiny_spec
 from ml_collections import config_flags
 
-from mer_jax import train
+from mer_jax import parallel, train, trainer
 from mer_jax.data import pipeline
 from mer_jax.data.spec import DataSpec
 from mer_jax.methods import build_stages, cmad, text_encoder
@@ -421,3 +422,34 @@ def test_two_stage_run_reuses_teacher_and_keeps_mar_memory(tmp_path):
   again, epoch = student_memory(workdir, config)
   assert epoch == 3
   chex.assert_trees_all_close(again, mar)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["cmad", "mcur"])
+def test_teacher_outputs_computed_once_equal_the_per_step_teacher(method):
+  """The trainer's teacher cache (`trainer.teacher_outputs`, the default) gives the
+  student's loss and logged terms of the per-step teacher forward (`cache_teacher=False`);
+  the teacher gets no gradient either way."""
+  config = load_config(f"{method}_mosei.py")
+  spec = tiny_spec()
+  split = random_batch(spec, batch_size=12, seed=6)
+  teacher, student = build_stages(config, spec)
+  assert student.teacher_forward is not None and teacher.teacher_forward is None
+  batcher = pipeline.Batcher(split, 4, parallel.make_mesh(1), on_device=True)
+  params = jax.eval_shape(lambda: student.model.init(
+      {"params": jax.random.key(0)}, split, train=False)["params"])
+  rng = np.random.default_rng(0)
+  frozen, params = (jax.tree.map(lambda leaf: jnp.asarray(
+      0.2 * rng.normal(size=leaf.shape), leaf.dtype), params) for _ in range(2))
+  context = StageContext(frozen=frozen, frozen_state=teacher.init_state())
+  cached = dataclasses.replace(context, teacher_outputs=trainer.teacher_outputs(
+      student, context, batcher))
+  chex.assert_shape(cached.teacher_outputs["embedding"], (12, config.model.width))
+  batch = batcher.batch(batcher.epoch_rows(seed=3, epoch=1)[0])  # shuffled rows
+
+  def loss_and_metrics(ctx):
+    return jax.jit(lambda p: student.loss_fn(p, student.init_state(), batch,
+                                             jax.random.key(1), ctx)[:2])(params)
+
+  chex.assert_trees_all_close(loss_and_metrics(cached), loss_and_metrics(context), rtol=1e-5,
+                              atol=1e-6)

@@ -47,8 +47,8 @@ from mer_jax.losses.distillation import (
 )
 from mer_jax.losses.task import mean_over_emotions, task_loss_rows
 from mer_jax.methods import mcur
-from mer_jax.methods.base import Stage
-from mer_jax.methods.text_encoder import teacher_inputs
+from mer_jax.methods.base import Stage, frozen_teacher_outputs
+from mer_jax.methods.text_encoder import frozen_teacher_forward
 from mer_jax.nn.fusion import PerceiverFusion, perceiver_fusion_from_config
 from mer_jax.nn.heads import OutputHead
 
@@ -215,6 +215,9 @@ def base_config() -> ml_collections.ConfigDict:
   # decay 1e-4 (the first of its two `weight_decay` flags sets the default), batch 128,
   # 80 epochs, constant rate (`--schedule 180 200` lies past the last epoch, no --cos),
   # no gradient clipping.
+  # The frozen teacher's outputs for the training split computed once per student stage
+  # (it is deterministic on the clean batch); False runs it on every batch.
+  config.train.cache_teacher = True
   config.train.optimizer = "adamw"
   config.train.learning_rate = 2e-5
   config.train.weight_decay = 1e-4
@@ -267,6 +270,7 @@ def build(config, spec: DataSpec) -> list[Stage]:
   # False: the student's training forward is deterministic (no dropout), as the official
   # CMAD student, which is never put in train mode (docs/decisions.md).
   student_train_mode = bool(config.model.student_train_mode)
+  teacher_forward = frozen_teacher_forward(teacher_model)
   mar_epochs = int(loss_config.mar_epochs)
   rho = float(loss_config.mar_rho)
 
@@ -281,9 +285,9 @@ def build(config, spec: DataSpec) -> list[Stage]:
 
   def student_loss_fn(params, method_state, batch, key, context):
     missing_key, dropout_key = jax.random.split(key)
-    # The frozen teacher sees the clean full-modality batch, deterministically.
-    teacher_out = teacher_model.apply({"params": context.frozen}, teacher_inputs(batch),
-                                      train=False)
+    # The frozen teacher on the clean full-modality batch, deterministically (computed
+    # once for the split by the trainer unless config.train.cache_teacher is False).
+    teacher_out = frozen_teacher_outputs(context, batch, teacher_forward)
     student_batch, combination_ids = missing.apply_training_protocol(
         missing_key, batch, student_missing)
     student_out = student_model.apply({"params": params}, student_batch, train=student_train_mode,
@@ -304,6 +308,6 @@ def build(config, spec: DataSpec) -> list[Stage]:
                   trained_with_missing=teacher_missing.kind in _MISSING_KINDS)
   student = Stage(name="student", model=student_model, loss_fn=student_loss_fn,
                   init_state=init_state, end_epoch=end_epoch,
-                  num_epochs=config.train.num_epochs,
+                  num_epochs=config.train.num_epochs, teacher_forward=teacher_forward,
                   trained_with_missing=student_missing.kind in _MISSING_KINDS)
   return [teacher, student]

@@ -30,8 +30,8 @@ from mer_jax.losses.contrastive import CONTRASTIVE_KINDS, contrastive_categories
 from mer_jax.losses.distillation import sugr
 from mer_jax.losses.task import task_loss
 from mer_jax.losses.uncertainty import vib_kl
-from mer_jax.methods.base import Stage
-from mer_jax.methods.text_encoder import teacher_inputs
+from mer_jax.methods.base import Stage, frozen_teacher_outputs
+from mer_jax.methods.text_encoder import frozen_teacher_forward
 from mer_jax.nn.fusion import PerceiverFusion, perceiver_fusion_from_config
 from mer_jax.nn.gaussian import VIB
 from mer_jax.nn.heads import OutputHead
@@ -253,6 +253,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.missing.kind = "drop"
   config.missing.probs = missing.UNIFORM_DROP
 
+  # The frozen teacher's outputs for the training split computed once per student stage
+  # (it is deterministic on the clean batch); False runs it on every batch.
+  config.train.cache_teacher = True
   config.train.optimizer = "adamw"
   config.train.learning_rate = 2e-5
   config.train.weight_decay = 0.01
@@ -320,6 +323,7 @@ def build(config, spec: DataSpec) -> list[Stage]:
   # False: the student's training forward is deterministic (no dropout), as the official
   # CMAD student, which is never put in train mode (docs/decisions.md).
   student_train_mode = bool(config.model.student_train_mode)
+  teacher_forward = frozen_teacher_forward(teacher_model)
 
   def teacher_loss_fn(params, method_state, batch, key, context):
     del context
@@ -332,9 +336,9 @@ def build(config, spec: DataSpec) -> list[Stage]:
 
   def student_loss_fn(params, method_state, batch, key, context):
     missing_key, dropout_key, contrastive_key = jax.random.split(key, 3)
-    # The frozen teacher sees the clean full-modality batch, deterministically.
-    teacher_out = teacher_model.apply({"params": context.frozen}, teacher_inputs(batch),
-                                      train=False)
+    # The frozen teacher on the clean full-modality batch, deterministically (computed
+    # once for the split by the trainer unless config.train.cache_teacher is False).
+    teacher_out = frozen_teacher_outputs(context, batch, teacher_forward)
     student_batch, combination_ids = missing.apply_training_protocol(
         missing_key, batch, student_missing)
     student_out = student_model.apply({"params": params}, student_batch, train=student_train_mode,
@@ -350,6 +354,6 @@ def build(config, spec: DataSpec) -> list[Stage]:
                   grad_clip=config.teacher.get("grad_clip"),
                   trained_with_missing=teacher_missing.kind in _MISSING_KINDS)
   student = Stage(name="student", model=student_model, loss_fn=student_loss_fn,
-                  num_epochs=config.train.num_epochs,
+                  num_epochs=config.train.num_epochs, teacher_forward=teacher_forward,
                   trained_with_missing=student_missing.kind in _MISSING_KINDS)
   return [teacher, student]

@@ -127,6 +127,17 @@ def teacher_inputs(batch: Mapping) -> Mapping:
   return out
 
 
+def frozen_teacher_forward(teacher_model: nn.Module) -> Callable:
+  """`Stage.teacher_forward` of a teacher/student method: the frozen teacher in evaluation
+  mode on the clean batch (`teacher_inputs`), its `output` and `embedding`."""
+
+  def forward(frozen, batch):
+    out = teacher_model.apply({"params": frozen}, teacher_inputs(batch), train=False)
+    return {"output": out["output"], "embedding": out["embedding"]}
+
+  return forward
+
+
 def _pretrained_init(path: str, encoder: bert.BertModel) -> Callable:
   """Param initialiser of the encoder: the folder's weights via a host callback (random
   BERT initialisation without a folder)."""
@@ -184,9 +195,11 @@ def with_text_encoder(stage: Stage, encoder: bert.BertModel, tokens: bert.Specia
   def loss_fn(params, method_state, batch, key, context: StageContext):
     frozen = context.frozen
     if isinstance(frozen, Mapping) and "text_encoder" in frozen:
-      # A frozen teacher: its own encoder on the clean tokens, no gradient.
-      teacher = encode_text(encoder, frozen["text_encoder"], batch, tokens, train=False)
-      batch = dict(batch, **{TEACHER_TEXT: jax.lax.stop_gradient(teacher["text"])})
+      # A frozen teacher: its own encoder on the clean tokens, no gradient (not needed
+      # when the trainer computed the teacher's outputs for the split).
+      if context.teacher_outputs is None:
+        teacher = encode_text(encoder, frozen["text_encoder"], batch, tokens, train=False)
+        batch = dict(batch, **{TEACHER_TEXT: jax.lax.stop_gradient(teacher["text"])})
       context = dataclasses.replace(context, frozen=frozen["method"])
 
     def interceptor(next_fun, args, kwargs, call):
@@ -205,7 +218,15 @@ def with_text_encoder(stage: Stage, encoder: bert.BertModel, tokens: bert.Specia
     with nn.intercept_methods(interceptor):
       return stage.loss_fn(params["method"], method_state, batch, key, context)
 
-  return dataclasses.replace(stage, model=model, loss_fn=loss_fn)
+  teacher_forward = None
+  if stage.teacher_forward is not None:
+    def teacher_forward(frozen, batch):
+      teacher = encode_text(encoder, frozen["text_encoder"], batch, tokens, train=False)
+      return stage.teacher_forward(frozen["method"],
+                                   dict(batch, **{TEACHER_TEXT: teacher["text"]}))
+
+  return dataclasses.replace(stage, model=model, loss_fn=loss_fn,
+                             teacher_forward=teacher_forward)
 
 
 def encoder_from_config(model_config) -> tuple[bert.BertModel, bert.SpecialTokens]:
@@ -255,7 +276,8 @@ def uses_text_encoder(config) -> bool:
 
 __all__ = [
     "TEACHER_TEXT", "TEXT_ENCODERS", "TOKEN_KEYS", "TextEncoderModel", "build_with_text_encoder",
-    "encode_text", "encoder_from_config", "masked_token_ids", "parameter_counts",
+    "encode_text", "encoder_from_config", "frozen_teacher_forward", "masked_token_ids",
+    "parameter_counts",
     "teacher_inputs",
     "uses_text_encoder", "with_text_encoder",
 ]
