@@ -2,14 +2,16 @@ r"""Throughput benchmark of a method's compiled train step and evaluation forwar
 
     python -m mer_jax.bench --config configs/dqf_mosei.py:synthetic --steps 20
 
-Prints one JSON line: compile time, train steps/s and samples/s (median of repeats with
-min/max), evaluation samples/s, parameter counts (`num_params`, the text encoder's and
-without it), achieved FLOP/s of the train step (XLA's cost analysis) against an fp32
-matmul rate measured in the same run, peak device memory where the backend reports it,
-and the device kind and count. For two-stage
-methods the last stage (the student) is measured, with the frozen teacher's outputs
-computed once for the split as the trainer does (`teacher_cache`; per step with
-`--config.train.cache_teacher=False`).
+Prints one JSON line: train and evaluation compile seconds, checkpoint save seconds,
+the training loop's epoch seconds and `epoch_overhead_fraction` (validation + checkpoint
+writes over an epoch's wall time, measured on `--loop_epochs` real epochs), train steps/s
+and samples/s (median of repeats with min/max), evaluation samples/s, parameter counts
+(`num_params`, `num_params_text_encoder` and `num_params_without_text_encoder`),
+achieved FLOP/s of the train step (XLA's cost analysis) against an fp32 matmul rate
+measured in the same run, peak device memory where the backend reports it, and the
+device kind and count. For two-stage methods the last stage (the student) is measured,
+with the frozen teacher's outputs computed once for the split as the trainer does
+(`teacher_cache`; per step with `--config.train.cache_teacher=False`).
 
 Ratios measured in the same run: `eval_batched_speedup`, the 7 fixed combinations
 evaluated one compiled call per scenario against all in one vmapped call, and
@@ -24,16 +26,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from mer_jax import evaluate, parallel
+from mer_jax import cli, config_lib, evaluate, parallel, trainer
 from mer_jax.data import missing, pipeline
 from mer_jax.methods import build_stages, text_encoder
 from mer_jax.methods.base import StageContext
@@ -70,8 +74,53 @@ def _flops(compiled) -> float | None:
   return float(analysis["flops"]) if analysis and "flops" in analysis else None
 
 
-def run_benchmark(config, *, steps: int = 10, repeats: int = 3) -> dict:
-  """Measures the last stage of `config.method` on `config.data`; returns the record."""
+def checkpoint_save_seconds(state, repeats: int = 3) -> float:
+  """Median seconds to write `state` as a checkpoint, start to commit (`trainer._save`
+  then `wait_until_finished`: the packed layout the trainer writes)."""
+  with tempfile.TemporaryDirectory() as folder:
+    manager = trainer._manager(os.path.join(folder, "latest"))
+    times = []
+    for index in range(repeats):
+      started = time.perf_counter()
+      trainer._save(manager, index, state)
+      manager.wait_until_finished()
+      times.append(time.perf_counter() - started)
+    manager.close()
+  return float(np.median(times))
+
+
+def loop_figures(stage, config, splits, spec, mesh, context, *, epochs: int = 3) -> dict:
+  """The training loop itself (`trainer.train_stage`) for `epochs` epochs of the stage in
+  a temporary folder: the first epoch's seconds (compilation included) and, over the
+  later epochs, the epoch's seconds and `epoch_overhead_fraction`, the share of an
+  epoch's wall time spent validating and writing checkpoints (blocking time: writes are
+  asynchronous, and the next write waits for the last)."""
+  stage = dataclasses.replace(stage, num_epochs=epochs)
+  with tempfile.TemporaryDirectory() as workdir:
+    started = time.perf_counter()
+    trainer.train_stage(stage, config, splits, spec, mesh, workdir, context=context)
+    loop_seconds = time.perf_counter() - started
+    with open(os.path.join(workdir, "log.jsonl")) as f:
+      records = [r for r in map(json.loads, f) if "val/loss" in r]
+  overhead = lambda r: r["validation_seconds"] + r["checkpoint_seconds"]
+  later = records[1:]
+  return {
+      "loop_epochs": epochs, "loop_seconds": loop_seconds,
+      "first_epoch_seconds": records[0]["epoch_seconds"] + overhead(records[0]),
+      "epoch_seconds": float(np.mean([r["epoch_seconds"] + overhead(r) for r in later])),
+      "validation_seconds": float(np.mean([r["validation_seconds"] for r in later])),
+      "checkpoint_write_seconds": float(np.mean([r["checkpoint_seconds"] for r in later])),
+      "epoch_overhead_fraction": float(np.mean(
+          [overhead(r) / (r["epoch_seconds"] + overhead(r)) for r in later])),
+  }
+
+
+def run_benchmark(config, *, steps: int = 10, repeats: int = 3, loop_epochs: int = 3) -> dict:
+  """Measures the last stage of `config.method` on `config.data`; returns the record.
+
+  `loop_epochs` > 1 also runs the training loop for that many epochs (`loop_figures`);
+  0 skips it."""
+  config_lib.validate_config(config)
   splits, spec = pipeline.load_data(config.data)
   mesh = parallel.make_mesh(config.num_devices)
   stages = build_stages(config, spec)
@@ -99,6 +148,7 @@ def run_benchmark(config, *, steps: int = 10, repeats: int = 3) -> dict:
   compiled = step.lower(state, batch).compile()
   compile_seconds = time.perf_counter() - started
   flops = _flops(compiled)
+  save_seconds = checkpoint_save_seconds(state)
 
   def run_steps():
     nonlocal state
@@ -141,6 +191,7 @@ def run_benchmark(config, *, steps: int = 10, repeats: int = 3) -> dict:
     del stacked
 
   predictor = Predictor.from_config(stage, mesh, config)
+  eval_compile_seconds = _eval_compile_seconds(predictor, state, splits["test"], config)
   split = splits["test"]
   full = missing.fixed_modality_mask(len(split["label"]), 6)
   predict = lambda: predictor.predict_split(state.params, state.method_state, split,
@@ -170,7 +221,10 @@ def run_benchmark(config, *, steps: int = 10, repeats: int = 3) -> dict:
       "backend": jax.default_backend(),
       **text_encoder.parameter_counts(state.params),
       "teacher_cache": cached,
-      "compile_seconds": compile_seconds,
+      "train_compile_seconds": compile_seconds,
+      "eval_compile_seconds": eval_compile_seconds,
+      "checkpoint_save_seconds": save_seconds,
+      "checkpoint_bytes": int(sum(x.nbytes for x in jax.tree.leaves(state))),
       "train_steps_per_second": 1 / median,
       "train_steps_per_second_min": 1 / max(step_times),
       "train_steps_per_second_max": 1 / min(step_times),
@@ -187,19 +241,41 @@ def run_benchmark(config, *, steps: int = 10, repeats: int = 3) -> dict:
       "matmul_flops_per_second": matmul_rate,
       "fraction_of_matmul_rate": flops / median / matmul_rate if flops else None,
       "peak_memory_bytes": (memory or {}).get("peak_bytes_in_use"),
+      **(loop_figures(stage, config, splits, spec, mesh, context, epochs=loop_epochs)
+         if loop_epochs > 1 else {}),
   }
+
+
+def _eval_compile_seconds(predictor, state, split, config) -> float:
+  """Seconds to compile the evaluation forward of `config.eval.scenarios_per_call`
+  scenarios (the program validation and evaluation share)."""
+  per_call = int(config.eval.scenarios_per_call)
+  batcher = predictor._batcher(split)
+  batch = batcher.batch(batcher.ordered_rows()[0])
+  batch.pop("index")
+  num_rows = batch["label"].shape[0]
+  batch["scenario_modality_mask"] = parallel.shard_batch(
+      np.ones((num_rows, per_call, 3), bool), predictor.mesh)
+  started = time.perf_counter()
+  predictor._forward.lower(state.params, state.method_state, batch,
+                           jnp.zeros((per_call, 3)), jnp.zeros(per_call),
+                           jax.random.split(jax.random.key(0), per_call),
+                           jnp.int32(0)).compile()
+  return time.perf_counter() - started
 
 
 def main(argv):
   del argv
   config = flags.FLAGS.config
   print(json.dumps(run_benchmark(config, steps=flags.FLAGS.steps,
-                                 repeats=flags.FLAGS.repeats)))
+                                 repeats=flags.FLAGS.repeats,
+                                 loop_epochs=flags.FLAGS.loop_epochs)))
 
 
 if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", None, "Config file to benchmark.", lock_config=True)
   flags.DEFINE_integer("steps", 10, "Train steps per timed repeat.")
   flags.DEFINE_integer("repeats", 3, "Timed repeats (the median is reported).")
-  parallel.enable_compilation_cache()
-  app.run(main)
+  flags.DEFINE_integer("loop_epochs", 3, "Epochs of the real training loop measured for the "
+                       "epoch overhead (validation + checkpoints); 0 skips it.")
+  cli.run(main, program="bench")

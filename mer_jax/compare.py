@@ -42,19 +42,17 @@ import io
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Mapping, Sequence
 
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
-from mer_jax import config_lib, evaluate, parallel, train
+from mer_jax import cli, config_lib, evaluate, parallel, run_log, train
 from mer_jax import metrics as metrics_lib
 from mer_jax.methods import METHODS
-from mer_jax.trainer import PREEMPTED_EXIT_CODE, Preempted
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                           "configs")
@@ -89,8 +87,13 @@ ABLATIONS = {
     "ease": (("w/o UCMI", "wo_ucmi", {"model.use_ucmi": False}),
              ("w/o UCSA", "wo_ucsa", {"loss.lambda_align": 0.0}),
              ("w/o MIPC", "wo_mipc", {"loss.lambda_consist": 0.0})),
-    "cmarr": (("w/o L_udcl", "wo_udcl", {"loss.udcl_weight": 0.0}),
+    # CM-ARR Table 3; the Baseline is the fusion network alone, trained on full inputs.
+    "cmarr": (("Baseline", "baseline", {"model.reconstruct": False, "model.flow_input": "projected",
+                                        "missing.kind": "none", "loss.udcl_weight": 0.0,
+                                        "loss.spcl_weight": 0.0}),
+              ("w/o L_udcl", "wo_udcl", {"loss.udcl_weight": 0.0}),
               ("w/o L_spcl", "wo_spcl", {"loss.spcl_weight": 0.0}),
+              ("w/o attention", "wo_attention", {"model.umc_attention": False}),
               ("w/ Point", "point", {"loss.udcl_kind": "point"})),
     "dqf": (("w/o L_n (granularity heads)", "wo_aux", {"loss.aux_weight": 0.0}),),
 }
@@ -267,19 +270,19 @@ def run_seeds(config, workdir: str, seeds: int, *, allow_config_change: bool = F
   if seeds > 1 and all(results is None for results in finished):
     started = time.time()
     train.run(run_config, workdir, allow_config_change=allow_config_change)
-    logging.info("%s: %d seeds trained at once and evaluated in %.0f s", workdir, seeds,
-                 time.time() - started)
+    run_log.status(f"{workdir}: {seeds} seeds trained at once and evaluated in "
+                   f"{time.time() - started:.0f} s")
     finished = [train.finished_results(c, d) for c, d in zip(singles, seed_dirs, strict=True)]
   per_seed = {}
   for seed_config, seed_dir, results in zip(singles, seed_dirs, finished, strict=True):
     if results is not None:
-      logging.info("%s: finished with this config, results reused", seed_dir)
+      run_log.status(f"{seed_dir}: finished with this config, results reused")
     else:
       started = time.time()
       # The returned results are what the run wrote to seed_dir/eval/results.json.
       results = train.run(seed_config, seed_dir, allow_config_change=allow_config_change)
-      logging.info("%s seed %d: trained and evaluated in %.0f s", workdir, seed_config.seed,
-                   time.time() - started)
+      run_log.status(f"{workdir} seed {seed_config.seed}: trained and evaluated in "
+                     f"{time.time() - started:.0f} s")
     per_seed[seed_config.seed] = results
   aggregated = evaluate.aggregate_seeds(per_seed)
   if jax.process_index() == 0:
@@ -646,23 +649,34 @@ def main(argv):
   if flag_values.coordinator_address or flag_values.distributed:
     parallel.initialize_distributed(flag_values.coordinator_address,
                                     flag_values.num_processes, flag_values.process_id)
-  try:
-    run_comparison(_DATASET.value, _METHODS.value, seeds=_SEEDS.value,
-                   workdir=flag_values.workdir, ablations=_ABLATIONS.value,
-                   overrides=_OVERRIDES.value, metrics=_METRICS.value,
-                   config_dir=_CONFIG_DIR.value,
-                   allow_config_change=flag_values.allow_config_change)
-  except Preempted as preempted:
-    print(f"mer_jax.compare: {preempted}", file=sys.stderr)
-    sys.exit(PREEMPTED_EXIT_CODE)
-  except ValueError as error:
-    print(f"mer_jax.compare: {error}", file=sys.stderr)
-    sys.exit(2)
+  report = run_comparison(_DATASET.value, _METHODS.value, seeds=_SEEDS.value,
+                          workdir=flag_values.workdir, ablations=_ABLATIONS.value,
+                          overrides=_OVERRIDES.value, metrics=_METRICS.value,
+                          config_dir=_CONFIG_DIR.value,
+                          allow_config_change=flag_values.allow_config_change)
   if jax.process_index() == 0:
-    with open(os.path.join(flag_values.workdir, "comparison.md")) as f:
-      print(f.read())
+    print(format_console(report, flag_values.workdir))
+
+
+def format_console(report: Mapping, workdir: str) -> str:
+  """What `mer_jax.compare` prints: the primary metric per method (mean over seeds) on
+  the 7 combinations, the MR average and the AUILC, then the output paths."""
+  metric = metrics_lib.PRIMARY_METRIC[report["task"]]
+  rows = {}
+  for method, info in report["methods"].items():
+    results = run_log.read_json(os.path.join(info["workdir"], "eval", "results.json"))
+    if results is not None:
+      rows[method + (BORROWED_MARK if info["borrowed"] else "")] = run_log.headline_row(
+          results, metric)
+  paths = [os.path.join(workdir, f"comparison.{ext}") for ext in ("md", "csv", "json")]
+  title = f"test {metric} (mean of {len(report['seeds'])} seeds)"
+  lines = [run_log.format_table(rows, title), ""]
+  lines += run_log.output_lines({
+      "tables": paths + sorted(report.get("ablations", {}).values()),
+      "figures": [os.path.join(workdir, "comparison.png")]})
+  lines.append(f"{'tensorboard':<12}tensorboard --logdir {workdir}")
+  return "\n".join(lines)
 
 
 if __name__ == "__main__":
-  parallel.enable_compilation_cache()
-  app.run(main)
+  cli.run(main, program="compare")

@@ -129,6 +129,11 @@ def base_config() -> ml_collections.ConfigDict:
   # The encoder's own peak learning rate (same schedule); 0 = config.train.learning_rate.
   config.train.text_encoder_learning_rate = 0.0
   config.loss = ml_collections.ConfigDict()
+
+  # Logging: log.jsonl always; TensorBoard event files in DIR/tensorboard/ (tensorboardX,
+  # no TensorFlow): train and validation scalars, evaluation figures, the config.
+  config.log = ml_collections.ConfigDict()
+  config.log.tensorboard = True
   return config
 
 
@@ -269,7 +274,9 @@ def validate_config(config, spec=None, *, num_train: int | None = None) -> None:
       fail(field, f"must be divisible by the number of devices ({devices}); the batch is "
            "split evenly over them")
 
-  if spec is not None:
+  if spec is None:
+    _check_method_fields(config)
+  else:
     if spec.task != config.data.task:
       fail("data.task", f"but the dataset {spec.name!r} from config.data.source="
            f"{config.data.source!r} is a {spec.task!r} dataset")
@@ -280,6 +287,22 @@ def validate_config(config, spec=None, *, num_train: int | None = None) -> None:
   if num_train is not None and num_train < config.train.batch_size:
     fail("train.batch_size", f"is larger than the training split ({num_train} samples): "
          "no full batch can be drawn")
+
+
+def _check_method_fields(config) -> None:
+  """Builds the method's stages for a stand-in dataset of the config's task, so that
+  everything a method checks when it is built (its `config.model` / `config.loss`
+  choices, a BERT folder's files) fails before any data are loaded. Building creates
+  modules and loss closures only; nothing is initialised or compiled."""
+  from mer_jax.data.spec import DataSpec
+  from mer_jax.methods import build_stages
+
+  task = config.data.task
+  stand_in = DataSpec(name=config.data.name or "stand_in", task=task,
+                      num_classes=1 if task == "regression" else 4, dims=(8, 8, 8),
+                      lengths=(4, 4, 4), label_range=(-3.0, 3.0) if task == "regression"
+                      else None)
+  build_stages(config, stand_in)
 
 
 def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

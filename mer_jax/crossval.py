@@ -9,7 +9,8 @@ data seed `config.data.seed + k`, i.e. a fresh draw of train/valid/test from the
 generator. `DIR/crossval.json` holds, per scenario and metric, the value of every fold,
 their mean and their (population) standard deviation, plus the scenario
 `avg_incomplete`: the mean over the 6 incomplete combinations L, A, V, LA, LV, AV (the
-"Avg." row of CM-ARR Table 2). Starting again with the same workdir resumes each fold.
+"Avg." row of CM-ARR Table 2); the command prints mean +- std and every fold's value of
+WAR and UAR per combination. Starting again with the same workdir resumes each fold.
 """
 
 from __future__ import annotations
@@ -17,16 +18,15 @@ from __future__ import annotations
 import copy
 import json
 import os
-import sys
 from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
 from absl import app, flags
 
-from mer_jax import parallel, train
+from mer_jax import cli, parallel, run_log, train
+from mer_jax import metrics as metrics_lib
 from mer_jax.data.missing import COMBINATION_NAMES, FULL_COMBINATION
-from mer_jax.trainer import PREEMPTED_EXIT_CODE, Preempted
 
 INCOMPLETE = tuple(n for i, n in enumerate(COMBINATION_NAMES) if i != FULL_COMBINATION)
 AVG_INCOMPLETE = "avg_incomplete"
@@ -116,19 +116,6 @@ def run_folds(config, workdir: str, *, folds: Sequence[int] | None = None,
   return report
 
 
-def format_table(report: Mapping, metrics: Sequence[str] = ("war", "uar")) -> str:
-  """Mean +- std per fixed combination (and avg_incomplete) for `metrics`."""
-  names = [n for n in (*INCOMPLETE, AVG_INCOMPLETE, COMBINATION_NAMES[FULL_COMBINATION])
-           if n in report["scenarios"]]
-  lines = [f"{'scenario':<14}  " + "  ".join(f"{m:>15}" for m in metrics)]
-  for name in names:
-    row = report["scenarios"][name]
-    cells = [f"{row[m]['mean']:.4f}+-{row[m]['std']:.4f}" if m in row else f"{'-':>15}"
-             for m in metrics]
-    lines.append(f"{name:<14}  " + "  ".join(f"{c:>15}" for c in cells))
-  return "\n".join(lines)
-
-
 # --config, --workdir, --allow_config_change and the multi-process flags are the ones that
 # mer_jax.train defines (importing it registers them); only --folds is particular here.
 _FOLDS = flags.DEFINE_list("folds", None, "Folds to run (default: all of config.data.num_folds).")
@@ -142,15 +129,39 @@ def main(argv):
   if flag_values.coordinator_address or flag_values.distributed:
     parallel.initialize_distributed(flag_values.coordinator_address,
                                     flag_values.num_processes, flag_values.process_id)
-  try:
-    report = run_folds(flag_values.config, flag_values.workdir, folds=_FOLDS.value,
-                       allow_config_change=flag_values.allow_config_change)
-  except Preempted as preempted:
-    print(f"mer_jax.crossval: {preempted}", file=sys.stderr)
-    sys.exit(PREEMPTED_EXIT_CODE)
+  report = run_folds(flag_values.config, flag_values.workdir, folds=_FOLDS.value,
+                     allow_config_change=flag_values.allow_config_change)
   if jax.process_index() == 0:
-    print(format_table(report))
+    print(format_console(report, flag_values.workdir, flag_values.config.data.task))
+
+
+def format_console(report: Mapping, workdir: str, task: str) -> str:
+  """What `mer_jax.crossval` prints: the primary metric of every fold, their mean and
+  (population) standard deviation on the 7 combinations, the MR average and the AUILC,
+  then the output paths."""
+  # CM-ARR's tables (cm_arr.txt Sec. 4) report WAR and UAR for every fold.
+  metrics = ("war", "uar") if task == "classification" else (metrics_lib.PRIMARY_METRIC[task],)
+  lines = []
+  for metric in metrics:
+    rows = {}
+    for fold in report["folds"]:
+      results = run_log.read_json(os.path.join(workdir, f"fold{fold}", "eval",
+                                               "results.json"))
+      if results is not None:
+        rows[f"fold{fold}"] = run_log.headline_row(results, metric)
+    if len(rows) > 1:
+      columns = set.intersection(*(set(row) for row in rows.values()))
+      folds = list(rows.values())
+      rows["mean"] = {c: float(np.mean([row[c] for row in folds])) for c in columns}
+      rows["std"] = {c: float(np.std([row[c] for row in folds])) for c in columns}
+    lines += [run_log.format_table(rows, f"test {metric}"), ""]
+  lines += run_log.output_lines({
+      "results": [os.path.join(workdir, "crossval.json")],
+      "figures": [os.path.join(workdir, f"fold{k}", "eval", "robustness.png")
+                  for k in report["folds"]]})
+  lines.append(f"{'tensorboard':<12}tensorboard --logdir {workdir}")
+  return "\n".join(lines)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, program="crossval")

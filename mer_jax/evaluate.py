@@ -21,8 +21,8 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
+from mer_jax import cli, parallel, run_log
 from mer_jax import metrics as metrics_lib
-from mer_jax import parallel
 from mer_jax.data import missing, pipeline
 from mer_jax.methods import build_stages
 from mer_jax.trainer import Predictor, load_stage_params
@@ -430,13 +430,20 @@ def main(argv):
     eval_data.source = _EVAL_SOURCE.value or eval_data.source
     eval_data.name = _EVAL_NAME.value
     eval_data.dir = _EVAL_DIR.value or ""
-  results = evaluate_run(_WORKDIR.value, checkpoint=_CHECKPOINT.value,
-                         embeddings=_EMBEDDINGS.value or None, split_name=_SPLIT.value,
-                         eval_data=eval_data, adapt_widths=_ADAPT_WIDTHS.value)
-  print(json.dumps(results["summary"], indent=2))
+  workdir = _WORKDIR.value
+  config = load_run_config(workdir)
+  evaluate_run(workdir, config, checkpoint=_CHECKPOINT.value,
+               embeddings=_EMBEDDINGS.value or None, split_name=_SPLIT.value,
+               eval_data=eval_data, adapt_widths=_ADAPT_WIDTHS.value)
+  eval_root = f"eval_{eval_data.name}" if eval_data is not None else "eval"
+  logger = run_log.RunLogger(workdir, config)
+  logger.figures(os.path.join(workdir, eval_root))
+  logger.close()
+  if jax.process_index() == 0:
+    print(run_log.run_report(workdir, config.data.task, method=config.method,
+                             eval_root=eval_root, split=_SPLIT.value or config.eval.split))
 
 
 if __name__ == "__main__":
-  parallel.enable_compilation_cache()
   _define_flags()
-  app.run(main)
+  cli.run(main, program="evaluate")

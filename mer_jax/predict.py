@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from mer_jax import parallel
+from mer_jax import cli, parallel
 from mer_jax.data.spec import MODALITIES, DataSpec
 from mer_jax.evaluate import load_run_config
 from mer_jax.losses.task import predicted_probabilities, predictive_entropy
@@ -329,6 +329,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  parallel.enable_compilation_cache()
   _define_flags()
-  app.run(main)
+  cli.run(main, program="predict")

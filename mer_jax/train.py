@@ -10,21 +10,24 @@ finished run with the same config returns its saved results).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import io
 import json
 import os
-import sys
+import time
 
 import jax
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from mer_jax import config_lib, evaluate, parallel, trainer
+from mer_jax import cli, config_lib, evaluate, parallel, run_log
 from mer_jax.data import pipeline
 from mer_jax.methods import build_stages
 from mer_jax.methods.base import StageContext
-from mer_jax.trainer import PREEMPTED_EXIT_CODE, JsonlLogger, Preempted, train_stage
+from mer_jax.run_log import RunLogger
+from mer_jax.trainer import train_stage
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (configs/<method>_<dataset>.py[:variant]).", lock_config=True)
@@ -46,18 +49,7 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
 RESUMABLE_CHANGES = ("train.num_epochs", "train.progress", "train.log_every_steps",
                      "train.on_nonfinite", "train.checkpoint_every_epochs",
                      "train.checkpoint_every_seconds", "num_devices", "data.on_device",
-                     "data.cache_dir", "data.spec")
-
-
-def _flatten(tree, prefix=""):
-  flat = {}
-  for key, value in tree.items():
-    name = f"{prefix}{key}"
-    if isinstance(value, dict):
-      flat.update(_flatten(value, name + "."))
-    else:
-      flat[name] = value
-  return flat
+                     "data.cache_dir", "data.spec", "log.tensorboard")
 
 
 # Fields that change no result of a finished run (a run with only these changed is
@@ -66,24 +58,16 @@ NO_EFFECT_FIELDS = ("data.spec",) + tuple(f for f in RESUMABLE_CHANGES if f != "
 
 
 def _comparable(config_json) -> dict:
-  return {k: v for k, v in _flatten(config_json).items()
+  return {k: v for k, v in run_log.flatten_config(config_json).items()
           if not any(k == f or k.startswith(f + ".") for f in NO_EFFECT_FIELDS)}
-
-
-def _read_json(path: str):
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
 
 
 def finished_results(config, workdir: str) -> dict | None:
   """The evaluation results of a run in `workdir` that finished with this config (fields
   that change no result aside, evaluation settings included), or None when something
   must still be trained or evaluated."""
-  saved = _read_json(os.path.join(workdir, "config.json"))
-  results = _read_json(os.path.join(workdir, "eval", "results.json"))
+  saved = run_log.read_json(os.path.join(workdir, "config.json"))
+  results = run_log.read_json(os.path.join(workdir, "eval", "results.json"))
   if saved is None or results is None:
     return None
   if _comparable(saved) != _comparable(json.loads(config.to_json_best_effort())):
@@ -98,8 +82,8 @@ def check_workdir(config, workdir: str, *, allow_config_change: bool = False):
   if allow_config_change or not os.path.exists(path):
     return
   with open(path) as f:
-    saved = _flatten(json.load(f))
-  current = _flatten(json.loads(config.to_json_best_effort()))
+    saved = run_log.flatten_config(json.load(f))
+  current = run_log.flatten_config(json.loads(config.to_json_best_effort()))
   differing = sorted(
       k for k in set(saved) | set(current)
       if not k.startswith("eval.") and not any(k.startswith(r) for r in RESUMABLE_CHANGES)
@@ -116,9 +100,15 @@ def write_config(config, workdir: str):
       f.write(config.to_json_best_effort(indent=2))
 
 
-def run(config, workdir: str, *, allow_config_change: bool = False) -> dict:
+def run(config, workdir: str, *, allow_config_change: bool = False,
+        on_epoch=None) -> dict:
   """Trains every stage of `config.method` in `workdir`, then evaluates. Returns the
   final stage's evaluation results ({scenario: {metric: value}, "summary": ...}).
+
+  `on_epoch(record)`, if given, is called after every epoch with that epoch's log
+  record (`run_log.RunLogger`: `selection` is the validation value the trainer selects
+  on, higher is better; `global_epoch` counts the epochs of every stage so far); it may
+  raise to stop the run (the sweep's pruning). Only for `num_seeds = 1`.
 
   With `config.num_seeds = K > 1`, seeds `seed .. seed+K-1` are trained at once in one
   program (params and optimiser state stacked, the step `jax.vmap`ped over them); each
@@ -130,16 +120,33 @@ def run(config, workdir: str, *, allow_config_change: bool = False) -> dict:
   # Every check that needs no data runs before loading and compiling anything.
   config_lib.validate_config(config)
   check_workdir(config, workdir, allow_config_change=allow_config_change)
+  if on_epoch is not None and config.num_seeds > 1:
+    raise ValueError("on_epoch reads one run's epochs: config.num_seeds must be 1")
   results = finished_results(config, workdir)
   if results is not None:
-    JsonlLogger(workdir).write({"event": "finished", "note": "eval/results.json reused"})
-    logging.info("%s: finished with this config; its results are reused", workdir)
+    RunLogger(workdir).write({"event": "finished", "note": "eval/results.json reused"})
+    run_log.status(f"{workdir}: finished with this config; its results are reused")
     return results
-  data = pipeline.load_data(config.data)
+  data = load_data(config.data)
   config_lib.validate_config(config, data[1], num_train=len(data[0]["train"]["label"]))
   if config.num_seeds > 1:
     return _run_seeds(config, workdir, data, allow_config_change)
-  return _run_one(config, workdir, data, allow_config_change)
+  return _run_one(config, workdir, data, allow_config_change, on_epoch=on_epoch)
+
+
+def load_data(data_config):
+  """`pipeline.load_data` with a console line saying what was loaded. TFDS's notes on a
+  dataset it prepares go to stdout, which holds a command's results; they are dropped
+  unless --verbosity=1 (the line says the same)."""
+  started = time.time()
+  quiet = contextlib.redirect_stdout(io.StringIO()) if cli.verbosity() < 1 else (
+      contextlib.nullcontext())
+  with quiet:
+    splits, spec = pipeline.load_data(data_config)
+  sizes = " / ".join(f"{len(split['label'])} {name}" for name, split in splits.items())
+  run_log.status(f"data: {data_config.source} {data_config.name} ({spec.task}), {sizes} "
+                 f"({time.time() - started:.1f} s)")
+  return splits, spec
 
 
 def _start(config, workdir: str, spec, allow_config_change: bool):
@@ -152,31 +159,37 @@ def _start(config, workdir: str, spec, allow_config_change: bool):
   write_config(config, workdir)
 
 
-def _log_start(logger: JsonlLogger, config, mesh, splits, **extra):
+def _log_start(logger: RunLogger, config, mesh, splits, **extra):
   logger.write({"event": "start", "method": config.method, "dataset": config.data.name,
                 "num_devices": int(mesh.devices.size), "backend": jax.default_backend(),
                 "num_train": len(splits["train"]["label"]), **extra})
 
 
-def _evaluate(config, workdir: str, data, mesh, logger: JsonlLogger) -> dict:
+def _evaluate(config, workdir: str, data, mesh, logger: RunLogger) -> dict:
   results = evaluate.evaluate_run(workdir, config, data=data, mesh=mesh)
   logger.write({"event": "evaluated", **{f"test/{k}": v for k, v in results["summary"].items()
                                          if isinstance(v, (int, float))}})
+  logger.figures(os.path.join(workdir, "eval"))
   return results
 
 
-def _run_one(config, workdir: str, data, allow_config_change: bool) -> dict:
+def _run_one(config, workdir: str, data, allow_config_change: bool, on_epoch=None) -> dict:
   splits, spec = data
   _start(config, workdir, spec, allow_config_change)
   mesh = parallel.make_mesh(config.num_devices)
-  logger = JsonlLogger(workdir)
-  _log_start(logger, config, mesh, splits)
-  context = StageContext()
-  for index, stage in enumerate(build_stages(config, spec)):
-    params, method_state = train_stage(stage, config, splits, spec, mesh, workdir,
-                                       stage_index=index, context=context, logger=logger)
-    context = StageContext(frozen=params, frozen_state=method_state)
-  return _evaluate(config, workdir, data, mesh, logger)
+  logger = RunLogger(workdir, config, on_epoch=on_epoch)
+  try:
+    _log_start(logger, config, mesh, splits)
+    context = StageContext()
+    stages = build_stages(config, spec)
+    for index, stage in enumerate(stages):
+      logger.epoch_offset = sum(s.num_epochs for s in stages[:index])
+      params, method_state = train_stage(stage, config, splits, spec, mesh, workdir,
+                                         stage_index=index, context=context, logger=logger)
+      context = StageContext(frozen=params, frozen_state=method_state)
+    return _evaluate(config, workdir, data, mesh, logger)
+  finally:
+    logger.close()
 
 
 def seed_configs(config) -> list:
@@ -198,31 +211,38 @@ def _run_seeds(config, workdir: str, data, allow_config_change: bool) -> dict:
   _start(config, workdir, spec, allow_config_change)
   singles = seed_configs(config)
   seed_dirs = [os.path.join(workdir, f"seed{c.seed}") for c in singles]
-  if config.seeds_in_one_program:
-    per_seed = _train_stacked(config, workdir, singles, seed_dirs, data, allow_config_change)
-  else:
-    per_seed = {seed_config.seed: _run_one(seed_config, seed_dir, data, allow_config_change)
-                for seed_config, seed_dir in zip(singles, seed_dirs, strict=True)}
-  results = evaluate.aggregate_seeds(per_seed)
-  if jax.process_index() == 0:
-    evaluate.write_results(os.path.join(workdir, "eval"), results)
-    evaluate.plot_robustness(os.path.join(workdir, "eval", "robustness.png"), results,
-                             spec.task, title=f"{config.method} on {config.data.name}, "
-                             f"mean of {config.num_seeds} seeds")
+  # The seeds' own loggers write into their folders (each seed a TensorBoard run); this
+  # one gets the aggregate's figures.
+  logger = RunLogger(workdir, config)
+  try:
+    if config.seeds_in_one_program:
+      per_seed = _train_stacked(config, workdir, singles, seed_dirs, data,
+                                allow_config_change, logger)
+    else:
+      per_seed = {seed_config.seed: _run_one(seed_config, seed_dir, data, allow_config_change)
+                  for seed_config, seed_dir in zip(singles, seed_dirs, strict=True)}
+    results = evaluate.aggregate_seeds(per_seed)
+    if jax.process_index() == 0:
+      evaluate.write_results(os.path.join(workdir, "eval"), results)
+      evaluate.plot_robustness(os.path.join(workdir, "eval", "robustness.png"), results,
+                               spec.task, title=f"{config.method} on {config.data.name}, "
+                               f"mean of {config.num_seeds} seeds")
+    logger.figures(os.path.join(workdir, "eval"))
+  finally:
+    logger.close()
   return results
 
 
 def _train_stacked(config, workdir: str, singles, seed_dirs, data,
-                   allow_config_change: bool) -> dict:
+                   allow_config_change: bool, logger: RunLogger) -> dict:
   """The seeds trained at once (vmapped, `trainer.train_stage` with `seed_workdirs`),
   then each evaluated; returns {seed: results}."""
   splits, spec = data
   for seed_config, seed_dir in zip(singles, seed_dirs, strict=True):
     _start(seed_config, seed_dir, spec, allow_config_change)
   mesh = parallel.make_mesh(config.num_devices)
-  logger = JsonlLogger(workdir)
   _log_start(logger, config, mesh, splits, num_seeds=config.num_seeds)
-  seed_loggers = [JsonlLogger(d) for d in seed_dirs]
+  seed_loggers = logger.for_seeds(seed_dirs, [c.seed for c in singles])
   for seed_logger in seed_loggers:
     _log_start(seed_logger, config, mesh, splits, trained_with_seeds=config.num_seeds)
   context = StageContext()
@@ -242,20 +262,12 @@ def main(argv):
     raise app.UsageError("--config and --workdir are required")
   if _COORDINATOR.value or _DISTRIBUTED.value:
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  try:
-    results = run(_CONFIG.value, _WORKDIR.value,
-                  allow_config_change=_ALLOW_CONFIG_CHANGE.value)
-  except Preempted as preempted:
-    print(f"mer_jax.train: {preempted}", file=sys.stderr)
-    sys.exit(PREEMPTED_EXIT_CODE)
-  except trainer.NonFiniteError as error:
-    print(f"mer_jax.train: {error}", file=sys.stderr)
-    sys.exit(1)
-  logging.info("summary: %s", json.dumps(results["summary"]))
+  config = _CONFIG.value
+  run(config, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
   if jax.process_index() == 0:
-    print(json.dumps(results["summary"], indent=2))
+    print(run_log.run_report(_WORKDIR.value, config.data.task, method=config.method,
+                             seeds=config.num_seeds))
 
 
 if __name__ == "__main__":
-  parallel.enable_compilation_cache()
-  app.run(main)
+  cli.run(main, program="train")

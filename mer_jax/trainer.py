@@ -10,7 +10,6 @@ device count computes the same global-batch losses.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import signal
@@ -32,6 +31,7 @@ from mer_jax import parallel
 from mer_jax.data import missing
 from mer_jax.data.pipeline import Batcher
 from mer_jax.methods.base import Stage, StageContext
+from mer_jax.run_log import RunLogger
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -169,24 +169,6 @@ def make_optimizer(train_config, steps_per_epoch: int, num_epochs: int, *,
   return tx
 
 
-# ----------------------------------------------------------------------------- logging
-
-
-class JsonlLogger:
-  """Appends one JSON object per line to `DIR/log.jsonl` (resumed runs append)."""
-
-  def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, "log.jsonl")
-
-  def write(self, record: Mapping):
-    if jax.process_index() != 0:
-      return
-    record = {k: (v.item() if isinstance(v, (np.ndarray, np.generic, jax.Array)) else v)
-              for k, v in record.items()}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
-
-
 # ----------------------------------------------------------------------------- checkpoints
 
 # A checkpoint holds the train state packed into one flat array per dtype ("state") and
@@ -278,16 +260,28 @@ def _save(manager: ocp.CheckpointManager, save_id: int, state: TrainState):
 
 
 def _read(manager: ocp.CheckpointManager, path: str, step: int, abstract_buffers=None):
-  """(buffers, layout) of checkpoint `step`; a clear error for other formats."""
+  """(buffers, layout) of checkpoint `step`; a clear error for other formats.
+
+  Without `abstract_buffers` the buffers come back on this process's first device,
+  whatever mesh wrote them (a run trained on several processes read by one).
+  """
   item = os.path.join(path, str(step))
   if not os.path.isdir(os.path.join(item, "layout")):
     raise CheckpointError(
         f"{item} is not a checkpoint of this mer_jax version (format {CHECKPOINT_FORMAT}: "
         "packed state + layout; it was probably written before layers were scanned and "
         "checkpoints packed, 2026-12). Train again in a new --workdir")
+  layout = manager.restore(step, args=ocp.args.Composite(layout=ocp.args.JsonRestore()))["layout"]
+  if abstract_buffers is None:
+    sizes: dict[str, int] = {}
+    for _, shape, dtype in layout["leaves"]:
+      sizes[dtype] = sizes.get(dtype, 0) + int(np.prod(shape, dtype=np.int64))
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract_buffers = {dtype: jax.ShapeDtypeStruct((size,), np.dtype(dtype), sharding=local)
+                        for dtype, size in sizes.items()}
   restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_buffers), layout=ocp.args.JsonRestore()))
-  return restored["state"], restored["layout"]
+      state=ocp.args.StandardRestore(abstract_buffers)))
+  return restored["state"], layout
 
 
 def _check_layout(path: str, saved, expected):
@@ -821,7 +815,7 @@ class _Checkpoints:
 
 
 def _check_finite(accumulator, *, tag: str, seeds, stacked: bool, checkpoints: _Checkpoints,
-                  logger: JsonlLogger):
+                  logger: RunLogger):
   """Stops the run at the first non-finite step since the epoch began."""
   first, terms = jax.device_get((accumulator["first_nonfinite_step"],
                                  accumulator["nonfinite_terms"]))
@@ -851,7 +845,7 @@ def _init_state(stage: Stage, tx, batcher: Batcher, seeds, stage_index: int, mes
 
 
 def _epoch_record(*, tag, epoch, step, seconds, num_steps, batch_size, epoch_sums, index,
-                  results, metric, value, best_epoch):
+                  results, metric, value, best_epoch, best_value, num_epochs):
   epoch_means = {"loss": float("nan")}
   if epoch_sums is not None:
     seed_sums = {k: float(np.ravel(v)[index]) for k, v in epoch_sums.items()}
@@ -864,12 +858,14 @@ def _epoch_record(*, tag, epoch, step, seconds, num_steps, batch_size, epoch_sum
       "val/loss": float(np.mean([r["loss"] for r in results.values()])),
       f"val/{metric}": float(np.mean([r[metric] for r in results.values()])),
       **{f"val/{name}/{metric}": r[metric] for name, r in results.items()},
-      "selection": value, "best_epoch": int(best_epoch) + 1}
+      "selection": value, "best_epoch": int(best_epoch) + 1,
+      "best_selection": float(best_value), "selection_metric": metric,
+      "num_epochs": num_epochs}
 
 
 def train_stage(stage: Stage, config, splits, spec, mesh, workdir: str, *,
                 stage_index: int = 0, context: StageContext | None = None,
-                logger: JsonlLogger | None = None, seed_workdirs=None):
+                logger: RunLogger | None = None, seed_workdirs=None):
   """Trains one stage, resuming from `DIR/checkpoints/[stage/]latest` when present.
 
   Returns (params, method_state) of the selected epoch (`stage.selection`: the best on
@@ -890,7 +886,7 @@ def train_stage(stage: Stage, config, splits, spec, mesh, workdir: str, *,
   from mer_jax.losses.task import task_loss
 
   context = context or StageContext()
-  logger = logger or JsonlLogger(workdir)
+  logger = logger or RunLogger(workdir, config)
   train_config = config.train
   on_nonfinite = train_config.get("on_nonfinite", "stop")
   if on_nonfinite not in ON_NONFINITE:
@@ -900,7 +896,7 @@ def train_stage(stage: Stage, config, splits, spec, mesh, workdir: str, *,
   seeds = [config.seed + k for k in range(len(seed_workdirs))] if stacked else [config.seed]
   for seed_dir in seed_workdirs or ():
     os.makedirs(seed_dir, exist_ok=True)
-  seed_loggers = [JsonlLogger(d) for d in seed_workdirs] if stacked else [logger]
+  seed_loggers = logger.for_seeds(seed_workdirs, seeds) if stacked else [logger]
   # One seed's values, or the seeds' values on a leading axis.
   per_seed = (lambda values: jnp.asarray(np.asarray(values))) if stacked else (
       lambda values: jnp.asarray(values[0]))
@@ -966,7 +962,8 @@ def train_stage(stage: Stage, config, splits, spec, mesh, workdir: str, *,
           tag=tag, epoch=epoch, step=_host_int(state.step), seconds=seconds,
           num_steps=len(rows), batch_size=train_config.batch_size, epoch_sums=epoch_sums,
           index=index, results=results, metric=metric, value=value,
-          best_epoch=best_epochs[index]))
+          best_epoch=best_epochs[index], best_value=best_values[index],
+          num_epochs=stage.num_epochs))
     return records, improved, best_values, best_epochs
 
   start_epoch = _host_int(state.epoch)
@@ -982,7 +979,7 @@ def train_stage(stage: Stage, config, splits, spec, mesh, workdir: str, *,
                       disable=not train_config.progress or jax.process_index() != 0,
                       leave=False)
       started, accumulator = time.time(), None
-      for step_rows in bar:
+      for index_in_epoch, step_rows in enumerate(bar):
         state, step_metrics = train_step(state, batcher.batch(step_rows))
         if preemption.requested:
           checkpoints.write(state, epoch_end=False)
@@ -999,12 +996,13 @@ def train_stage(stage: Stage, config, splits, spec, mesh, workdir: str, *,
           check_finite(accumulator)
           host = jax.device_get(step_metrics)
           host.pop("nonfinite_step")
-          rate = (bar.n + 1) * train_config.batch_size / max(time.time() - started, 1e-9)
+          rate = ((index_in_epoch + 1) * train_config.batch_size
+                  / max(time.time() - started, 1e-9))
           bar.set_postfix(loss=f"{np.mean(host['loss']):.4f}", samples_per_s=f"{rate:.0f}")
           for index, seed_logger in enumerate(seed_loggers):
             seed_logger.write({"stage": tag, "step": step, "epoch": epoch,
                                **{f"train/{k}": np.ravel(v)[index] for k, v in host.items()}})
-        if checkpoints.due_mid_epoch() and bar.n + 1 < len(rows):
+        if checkpoints.due_mid_epoch() and index_in_epoch + 1 < len(rows):
           check_finite(accumulator)  # never write a checkpoint past a non-finite step
           checkpoints.write(state, epoch_end=False)
       epoch_sums = None
@@ -1028,16 +1026,12 @@ def train_stage(stage: Stage, config, splits, spec, mesh, workdir: str, *,
       checkpoints.keep_best(state, improved, stacked=stacked)
       writing_before = checkpoints.seconds_writing
       checkpoints.end_epoch(state, last=epoch + 1 == stage.num_epochs)
-      for index, (seed_logger, record) in enumerate(zip(seed_loggers, records, strict=True)):
+      # The logger writes log.jsonl and TensorBoard, prints the epoch line and calls the
+      # run's on_epoch hook (run_log.RunLogger), after this epoch's checkpoint write.
+      for seed_logger, record in zip(seed_loggers, records, strict=True):
         record.update(validation_seconds=validation_seconds,
                       checkpoint_seconds=checkpoints.seconds_writing - writing_before)
         seed_logger.write(record)
-        if jax.process_index() == 0 and train_config.progress:
-          tqdm.tqdm.write(f"[{tag}{f' seed {seeds[index]}' if stacked else ''}] epoch "
-                          f"{epoch + 1}/{stage.num_epochs} train loss "
-                          f"{record['train/loss']:.4f} val loss {record['val/loss']:.4f} "
-                          f"val {metric} {record[f'val/{metric}']:.4f}"
-                          + (" *" if improved[index] else ""))
     if preemption.requested:  # arrived during the last validation or write
       if checkpoints.has_unwritten():
         checkpoints.write(state, epoch_end=True)

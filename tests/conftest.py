@@ -1,26 +1,93 @@
 """Test set-up: 4 fake CPU devices so that sharding and device-count invariance are
-tested on one machine (SPEC section 2)."""
+tested on one machine (SPEC section 2); XLA's cheap compilation mode and one persistent
+compilation cache for every test and every subprocess; per-xdist-worker data folders."""
 
 import os
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CACHE_ROOT = os.path.join(REPO, ".pytest_cache")
+# One compilation cache for in-process runs and every subprocess: a program compiled once
+# (a :tiny train step, an evaluation forward) is a cache hit everywhere after.
+COMPILATION_CACHE = os.path.join(CACHE_ROOT, "jax_compilation_cache")
+# TFDS builders prepare into their data dir; two xdist workers preparing the same
+# synthetic dataset at once would race, so each worker has its own.
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "main")
+os.environ.setdefault("MER_JAX_DATA_DIR", os.path.join(CACHE_ROOT, f"tfds_{WORKER}"))
+# Tests compile hundreds of small programs and run each a few steps: XLA's optimisation
+# passes cost more than they save (a :tiny DQF step compiles 2.3x faster and runs 1.9x
+# slower). Every side of every equality runs in the same mode; subprocesses inherit it.
+os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "true"
 os.environ.setdefault("XLA_FLAGS", "")
-os.environ.setdefault("MER_JAX_DATA_DIR", os.path.join(os.path.dirname(__file__), "..",
-                                                      ".pytest_cache", "tfds"))
 
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 4)
-# Tests compile the same small programs many times (every tiny run); a persistent
-# compilation cache turns the repeats into cache hits.
-jax.config.update("jax_compilation_cache_dir", os.path.join(
-    os.path.dirname(__file__), "..", ".pytest_cache", "jax_compilation_cache"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+jax.config.update("jax_compilation_cache_dir", COMPILATION_CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 import pytest  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+def subprocess_env(num_devices: int = 1, **extra) -> dict:
+  """Environment of a `python -m mer_jax.<cli>` subprocess: CPU, `num_devices` devices,
+  the tests' compilation mode, compilation cache and data folder."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", MER_JAX_COMPILATION_CACHE=COMPILATION_CACHE,
+             JAX_NUM_CPU_DEVICES=str(num_devices), **extra)
+  env.pop("XLA_FLAGS", None)
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  return env
 
 
 @pytest.fixture(scope="session")
 def repo_root():
   return REPO
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+  """(workdir, results) of one trained `dqf_mosei.py:tiny` run on 4 devices
+  (`helpers.tiny_run_config`), shared by every end-to-end check that only reads a
+  finished run. Tests must not write into it (copy it first)."""
+  from helpers import tiny_run_config
+
+  from mer_jax import train
+
+  workdir = str(tmp_path_factory.mktemp("tiny_run"))
+  return workdir, train.run(tiny_run_config(), workdir)
+
+
+@pytest.fixture(scope="session")
+def cli_run(tmp_path_factory):
+  """The workdir of the same run trained by `python -m mer_jax.train` in two processes
+  of two devices each (localhost, gloo collectives): the command line
+  as a user runs it, and the multi-process path. tests/test_multiprocess.py compares it
+  with `tiny_run`; tests/test_cli.py evaluates and predicts from it."""
+  import socket
+  import subprocess
+  import sys
+
+  from helpers import TINY_RUN_ARGS
+
+  root = tmp_path_factory.mktemp("cli_run")
+  workdir = str(root / "run")
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    address = f"127.0.0.1:{s.getsockname()[1]}"
+  processes = []
+  for index in range(2):
+    log = open(root / f"process{index}.stderr", "w")  # noqa: SIM115 (closed below)
+    processes.append((subprocess.Popen(
+        [sys.executable, "-m", "mer_jax.train", *TINY_RUN_ARGS, "--workdir", workdir,
+         "--coordinator_address", address, "--num_processes", "2", "--process_id", str(index)],
+        cwd=REPO, env=subprocess_env(2), stdout=subprocess.DEVNULL, stderr=log), log))
+  for process, log in processes:
+    try:
+      code = process.wait(timeout=1200)
+    except subprocess.TimeoutExpired:
+      process.kill()
+      code = "timeout"
+    log.close()
+    if code != 0:
+      with open(log.name) as f:
+        raise AssertionError(f"{log.name}: exit {code}\n{f.read()[-4000:]}")
+  return workdir

@@ -54,3 +54,66 @@ class Toy(nn.Module):
     if self.log_output:
       output = jnp.log(pooled[0][:, 0]) + 0.0 * output
     return {"output": output, "embedding": embedding}
+
+
+def toy_train_config(**train):
+  """A base config for trainer tests on `Toy` stages: batch 8, 3 epochs, no progress bars;
+  `train` overrides `config.train` fields."""
+  from mer_jax import config_lib
+
+  config = config_lib.base_config()
+  config.method = "toy"
+  config.train.batch_size = 8
+  config.train.num_epochs = 3
+  config.train.learning_rate = 1e-2
+  config.train.log_every_steps = 2
+  config.train.progress = False
+  config.eval.batch_size = 16
+  config.train.update(train)
+  return config
+
+
+def load_config(name: str = "dqf_mosei.py", arg: str = "tiny"):
+  """`configs/<name>`'s `get_config(arg)`."""
+  import importlib.util
+  import os
+
+  from conftest import REPO
+
+  spec = importlib.util.spec_from_file_location("cfg", os.path.join(REPO, "configs", name))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def read_log(workdir) -> list[dict]:
+  """The records of `workdir/log.jsonl` (a line cut short by a kill is left out)."""
+  import json
+  import os
+
+  path = os.path.join(workdir, "log.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.endswith("\n")]
+
+
+def epoch_records(workdir, stage: str | None = None) -> list[dict]:
+  """The per-epoch records (those with a validation loss), of one stage if given."""
+  return [r for r in read_log(workdir)
+          if "val/loss" in r and (stage is None or r["stage"] == stage)]
+
+
+# The shared trained run (`conftest.tiny_run`): `dqf_mosei.py:tiny` on every device, every
+# step logged and a small evaluation protocol. As command-line overrides for subprocesses
+# that must train the same run (tests/test_multiprocess.py).
+TINY_RUN_ARGS = ["--config", "configs/dqf_mosei.py:tiny", "--config.train.log_every_steps=1",
+                 "--config.eval.missing_rates=(0.5,)", "--config.eval.frame_rates=(0.0,1.0)"]
+
+
+def tiny_run_config():
+  config = load_config("dqf_mosei.py", "tiny")
+  config.train.log_every_steps = 1
+  config.eval.missing_rates = (0.5,)
+  config.eval.frame_rates = (0.0, 1.0)
+  return config

@@ -18,6 +18,7 @@ from helpers import random_batch, tiny_spec
 
 from mer_jax import crossval
 from mer_jax.data import missing, synthetic
+from mer_jax.losses import supervised_contrastive
 from mer_jax.methods import cmarr
 from mer_jax.methods.base import StageContext
 from mer_jax.nn.flows import NormalizingFlow
@@ -27,21 +28,26 @@ MODALITIES = ("text", "audio", "vision")
 WIDTH = 16
 
 
-def tiny_config(**loss_overrides):
+def tiny_config(overrides=None):
+  """The :tiny sizes as a ConfigDict; `overrides` {dotted name: value}, e.g.
+  {"loss.rec_weight": 2.0}."""
   config = ml_collections.ConfigDict()
   config.method = "cmarr"
   config.model = dict(
       width=WIDTH, common_length=0, kernel_sizes=(3, 1, 1), umc_dim=8, umc_heads=2,
-      umc_mlp_dim=16, flow_layers=2, flow_hidden=16, flow_scale=2.0, rcab_blocks=1,
+      umc_mlp_dim=16, umc_attention=True, flow_input="aligned", reconstruct=True,
+      flow_layers=2, flow_hidden=16, flow_scale=2.0, flow_remat=False, rcab_blocks=1,
       rcab_features=16, rcab_kernel=3, rcab_reduction=4, fusion_layers=1, fusion_heads=2,
       fusion_mlp_dim=32, dropout=0.0, head_hidden=16, udcl_init_scale=1.0,
       udcl_init_temperature=0.0)
-  config.loss = dict(udcl_weight=1.0, spcl_weight=0.1, rec_weight=10.0, flow_weight=0.1,
-                     udcl_kind="distribution", spcl_temperature=0.1, rec_stop_gradient=True,
-                     regression_loss="l1")
-  config.loss.update(loss_overrides)
+  config.loss = dict(udcl_weight=1.0, spcl_weight=0.1, rec_weight=10.0, rec_norm="mean",
+                     rec_through_flow=False, flow_weight=0.1, udcl_kind="distribution",
+                     spcl_temperature=0.1, rec_stop_gradient=True, regression_loss="l1")
   config.train = dict(num_epochs=1)
   config.missing = dict(kind="drop", probs=(1 / 6,) * 6 + (0.0,))
+  for name, value in (overrides or {}).items():
+    section, field = name.split(".")
+    config[section][field] = value
   return config
 
 
@@ -65,16 +71,18 @@ def classifier():
   return spec, params, jax.jit(lambda p, b: stage.model.apply({"params": p}, b, train=False))
 
 
-def _check_shapes(out, batch_size, shape, length):
+def _check_shapes(out, batch_size, shape, length, task="classification"):
   chex.assert_shape(out["output"], (batch_size,) + shape)
   chex.assert_shape(out["embedding"], (batch_size, 2 * WIDTH))
-  chex.assert_shape([out["projected"], out["reconstructed"], out["completed"]],
-                    (batch_size, 3, length, WIDTH))
+  chex.assert_shape([out["features"], out["reconstructed"], out["completed"],
+                     out["flow_latent"]], (batch_size, 3, length, WIDTH))
   chex.assert_shape([out["frame_mask"], out["reconstructed_mask"], out["completed_mask"]],
                     (batch_size, 3, length))
   chex.assert_shape(out["modality_embedding"], (3, batch_size, WIDTH))
   chex.assert_shape([out["gaussian_mean"], out["gaussian_std"]], (3, batch_size, 8))
-  chex.assert_shape(out["flow_nll"], (batch_size, 3))
+  chex.assert_shape(out["flow_logdet"], (batch_size, 3))
+  chex.assert_shape([out["prior_mean"], out["prior_log_std"]],
+                    (cmarr.num_prior_classes(tiny_spec(task)), WIDTH))
   chex.assert_shape([out["udcl_scale"], out["udcl_shift"], out["udcl_temperature"]], (3,))
 
 
@@ -98,7 +106,8 @@ def test_output_shapes_per_task(task, shape):
     params = stage.model.init({"params": key}, b, train=False)["params"]
     return stage.model.apply({"params": params}, b, train=False)
 
-  _check_shapes(jax.eval_shape(forward, jax.random.key(0), batch), 3, shape, max(spec.lengths))
+  _check_shapes(jax.eval_shape(forward, jax.random.key(0), batch), 3, shape, max(spec.lengths),
+                task)
 
 
 @functools.cache
@@ -151,7 +160,8 @@ def test_padded_frames_never_change_outputs():
     noise = np.random.default_rng(1).normal(size=batch[name].shape).astype(np.float32) * 100
     changed[name] = np.where(batch[f"{name}_mask"][..., None], batch[name], noise)
   a, b = apply(params, batch), apply(params, changed)
-  for key in ("output", "embedding", "reconstructed", "completed", "flow_nll", "gaussian_mean"):
+  for key in ("output", "embedding", "reconstructed", "completed", "flow_latent", "flow_logdet",
+              "gaussian_mean"):
     chex.assert_trees_all_close(a[key], b[key], atol=1e-4)
 
 
@@ -167,12 +177,12 @@ def test_reconstruction_decodes_the_mean_latent_of_present_modalities():
                       [False, True, True]])
   batch["modality_mask"] = present
   out = apply(params, batch)
-  projected = np.asarray(out["projected"])
+  features = np.asarray(out["features"])
   frame_mask = np.asarray(out["frame_mask"])
   flow = NormalizingFlow(WIDTH, 2, 16, 2.0)
   rcab = RCABStack(1, 16, 3, 4)
   latents = np.stack([np.asarray(flow.apply(
-      {"params": params[f"flow_{name}"]}, jnp.asarray(projected[:, i]),
+      {"params": params[f"flow_{name}"]}, jnp.asarray(features[:, i]),
       jnp.asarray(frame_mask[:, i] & present[:, i:i + 1]), method=NormalizingFlow.forward)[0])
       for i, name in enumerate(MODALITIES)], axis=1)
   for b in range(4):
@@ -192,25 +202,33 @@ def test_reconstruction_decodes_the_mean_latent_of_present_modalities():
       np.testing.assert_array_equal(out["reconstructed_mask"][b, m], covered)
       np.testing.assert_allclose(out["completed"][b, m], expected, atol=1e-5)
     for n in np.flatnonzero(present[b]):
-      np.testing.assert_allclose(out["completed"][b, n], projected[b, n], atol=1e-6)
+      np.testing.assert_allclose(out["completed"][b, n], features[b, n], atol=1e-6)
 
 
-def test_reconstruction_error_matches_numpy():
+@pytest.mark.parametrize("norm", ["mean", "frobenius"])
+def test_reconstruction_error_matches_numpy(norm):
+  """L_rec per scored slot: the mean (DiCMoR's MSE) or the sum (Eq. 9, squared Frobenius)
+  of the squared error over real target frames and channels, averaged over the slots."""
   rng = np.random.default_rng(0)
-  rec, proj = rng.normal(size=(2, 4, 3, 5, 6)).astype(np.float32)
+  rec, real = rng.normal(size=(2, 4, 3, 5, 6)).astype(np.float32)
   frame_mask = rng.random((4, 3, 5)) < 0.7
   rec_mask = rng.random((4, 3, 5)) < 0.8
   slots = np.array([[True, False, False], [False, True, True], [False] * 3, [True, False, True]])
-  out = {"reconstructed": rec, "projected": proj, "frame_mask": frame_mask,
+  out = {"reconstructed": rec, "features": real, "frame_mask": frame_mask,
          "reconstructed_mask": rec_mask}
   per_slot = []
   for b, m in zip(*np.nonzero(slots), strict=True):
     frames = frame_mask[b, m] & rec_mask[b, m]
-    diff = (rec[b, m] - proj[b, m])[frames]
-    per_slot.append(np.mean(diff ** 2) if frames.any() else 0.0)
-  np.testing.assert_allclose(cmarr.reconstruction_error(out, slots), np.mean(per_slot),
+    diff = (rec[b, m] - real[b, m])[frames]
+    if norm == "frobenius":
+      per_slot.append(np.linalg.norm(diff, "fro") ** 2 if frames.any() else 0.0)
+    else:
+      per_slot.append(np.mean(diff ** 2) if frames.any() else 0.0)
+  np.testing.assert_allclose(cmarr.reconstruction_error(out, slots, norm), np.mean(per_slot),
                              rtol=1e-5)
-  assert float(cmarr.reconstruction_error(out, np.zeros_like(slots))) == 0.0
+  assert float(cmarr.reconstruction_error(out, np.zeros_like(slots), norm)) == 0.0
+  with pytest.raises(ValueError, match="rec_norm"):
+    cmarr.reconstruction_error(out, slots, "l1")
 
 
 def _numpy_infonce(dist, scale, temperature):
@@ -240,23 +258,34 @@ def test_alignment_loss_matches_numpy(kind):
   np.testing.assert_allclose(cmarr.alignment_loss(out, kind), expected, rtol=1e-4)
 
 
-def test_refinement_loss_pools_all_modalities_with_emotion_positives():
+def test_refinement_loss_positives_are_other_modalities_of_other_samples():
+  """Sec. 3.3.1 against a numpy loop: for (modality m, sample i) the candidates are the
+  other modalities of the other samples, positives those with the same label."""
   rng = np.random.default_rng(2)
-  embeddings = rng.normal(size=(3, 4, 6)).astype(np.float32)
-  labels = np.array([0, 1, 0, 2], np.int32)
-  x = embeddings.reshape(12, 6)
-  x = x / np.linalg.norm(x, axis=1, keepdims=True)
-  categories = np.tile(labels, 3)
-  logits = x @ x.T / 0.1
+  embeddings = rng.normal(size=(3, 5, 6)).astype(np.float32)
+  labels = np.array([0, 1, 0, 2, 0], np.int32)
+  x = embeddings / np.linalg.norm(embeddings, axis=-1, keepdims=True)
   losses = []
-  for i in range(12):
-    others = np.arange(12) != i
-    positives = others & (categories == categories[i])
-    log_denominator = np.log(np.exp(logits[i][others]).sum())
-    losses.append(-np.mean(logits[i][positives] - log_denominator))
+  for m in range(3):
+    for i in range(5):
+      candidates = [(n, j) for n in range(3) for j in range(5) if n != m and j != i]
+      logits = {c: x[m, i] @ x[c] / 0.1 for c in candidates}
+      log_denominator = np.log(sum(np.exp(v) for v in logits.values()))
+      positives = [c for c in candidates if labels[c[1]] == labels[i]]
+      if positives:
+        losses.append(-np.mean([logits[c] - log_denominator for c in positives]))
   value = cmarr.refinement_loss({"modality_embedding": embeddings}, labels, "classification",
                                 temperature=0.1)
   np.testing.assert_allclose(value, np.mean(losses), rtol=1e-5)
+  # Reference check of the difference to plain SupCon over the 3B rows (where
+  # same-modality pairs are positives too): the two disagree on these inputs.
+  flat = x.reshape(15, 6)
+  everything = supervised_contrastive(jnp.asarray(flat), jnp.tile(labels, 3),
+                                            temperature=0.1)
+  assert abs(float(everything) - float(value)) > 1e-3
+  distinct = np.arange(5, dtype=np.int32)  # no two samples share a label: no positive
+  assert float(cmarr.refinement_loss({"modality_embedding": embeddings}, distinct,
+                                     "classification", temperature=0.1)) == 0.0
 
 
 def test_training_inputs_keep_real_features_of_removed_modalities():
@@ -280,8 +309,9 @@ def test_total_loss_weights_each_term():
   config's weights (alpha = 0 / beta = 0 are the "w/o" ablations)."""
   alpha, beta, lam, lam_flow = 0.5, 0.2, 2.0, 3.0
   spec = tiny_spec("classification")
-  (stage,) = cmarr.build(tiny_config(udcl_weight=alpha, spcl_weight=beta, rec_weight=lam,
-                                     flow_weight=lam_flow), spec)
+  (stage,) = cmarr.build(tiny_config({"loss.udcl_weight": alpha, "loss.spcl_weight": beta,
+                                      "loss.rec_weight": lam, "loss.flow_weight": lam_flow}),
+                         spec)
   batch = random_batch(spec, batch_size=8)
   loss_fn = jax.jit(lambda p, b, key: stage.loss_fn(p, {}, b, key, StageContext()))
   loss, (terms, _) = loss_fn(init(stage, batch), batch, jax.random.key(0))
@@ -291,6 +321,190 @@ def test_total_loss_weights_each_term():
   assert all(float(terms[k]) > 0 for k in ("loss_cls", "loss_udcl", "loss_spcl", "loss_rec"))
 
 
+TERMS = ("loss_cls", "loss_udcl", "loss_spcl", "loss_rec", "loss_flow")
+
+
+@functools.cache
+def term_gradients(rec_through_flow=False):
+  """(params, batch, jitted params -> (terms (5,), per-term gradients)) of the default
+  tiny classifier; `rec_through_flow` does not change the parameter tree, so both share
+  `classifier()`'s params."""
+  spec, params, _ = classifier()
+  (stage,) = cmarr.build(tiny_config({"loss.rec_through_flow": rec_through_flow}), spec)
+  batch = random_batch(spec, batch_size=8, seed=3)
+
+  def terms(p, b):
+    _, (metrics, _) = stage.loss_fn(p, {}, b, jax.random.key(0), StageContext())
+    return jnp.stack([metrics[k] for k in TERMS])
+
+  return params, batch, jax.jit(lambda p, b: (terms(p, b), jax.jacrev(terms)(p, b)))
+
+
+def _grad_norms(grads, term):
+  """{top-level module name: |d term / d params| summed} for one loss term."""
+  index = TERMS.index(term)
+  return {name: float(sum(jnp.abs(g[index]).sum() for g in jax.tree.leaves(tree)))
+          for name, tree in grads.items()}
+
+
+@pytest.mark.slow
+def test_reconstruction_loss_trains_the_refinement_not_the_flows():
+  """Default: decoded features enter RCAB stop-gradient, so L_rec (and L_cls through the
+  reconstructions) reach only the RCABs; the flows and the prior learn from L_flow alone.
+  rec_through_flow=True restores the path into the flows and the features."""
+  params, batch, gradients = term_gradients()
+  terms, grads = gradients(params, batch)
+  assert float(terms[TERMS.index("loss_rec")]) > 0
+  rec = _grad_norms(grads, "loss_rec")
+  flow = _grad_norms(grads, "loss_flow")
+  cls = _grad_norms(grads, "loss_cls")
+  for name in MODALITIES:
+    assert rec[f"flow_{name}"] == 0.0 and cls[f"flow_{name}"] == 0.0, name
+    assert rec[f"proj_{name}"] == 0.0 and rec[f"umc_{name}"] == 0.0, name  # targets stopped
+    assert flow[f"flow_{name}"] > 0 and flow[f"proj_{name}"] == 0.0, name
+  assert sum(rec[f"rcab_{name}"] for name in MODALITIES) > 0
+  assert rec["prior"] == 0.0 and flow["prior"] > 0
+
+  params, batch, gradients = term_gradients(rec_through_flow=True)
+  _, grads = gradients(params, batch)
+  rec = _grad_norms(grads, "loss_rec")
+  assert all(rec[f"flow_{name}"] > 0 for name in MODALITIES)
+  assert sum(rec[f"umc_{name}"] + rec[f"proj_{name}"] for name in MODALITIES) > 0
+
+
+def test_flow_likelihood_is_the_class_prior_shared_by_all_modalities():
+  """L_flow against numpy: per (sample, modality) slot with real frames, the NLL per
+  dimension of the latents under N(mean_y, exp(log_std_y)^2) of the sample's class y
+  (one table for all modalities), minus the log-determinant."""
+  spec, params, apply = classifier()
+  batch = random_batch(spec, batch_size=4, real_lengths=([3, 6, 1, 2], [2, 5, 4, 5],
+                                                         [1, 1, 4, 3]))
+  out = apply(params, batch)
+  rng = np.random.default_rng(4)
+  mean = rng.normal(size=(4, WIDTH)).astype(np.float32)
+  log_std = rng.normal(scale=0.3, size=(4, WIDTH)).astype(np.float32)
+  out = dict(out, prior_mean=jnp.asarray(mean), prior_log_std=jnp.asarray(log_std))
+  z = np.asarray(out["flow_latent"], np.float64)
+  logdet = np.asarray(out["flow_logdet"], np.float64)
+  frame_mask = np.asarray(out["frame_mask"])
+  labels = np.array([2, 0, 3, 2])
+  slots = []
+  for b in range(4):
+    for m in range(3):
+      real = z[b, m][frame_mask[b, m]]  # (frames, D)
+      if not len(real):
+        continue
+      y = labels[b]
+      std = np.exp(log_std[y])
+      log_density = (-0.5 * np.log(2 * np.pi) - np.log(std)
+                     - 0.5 * ((real - mean[y]) / std) ** 2)
+      slots.append((-log_density.sum() - logdet[b, m]) / real.size)
+  value = cmarr.flow_likelihood(out, jnp.asarray(labels))
+  np.testing.assert_allclose(value, np.mean(slots), rtol=1e-4)
+  assert abs(float(cmarr.flow_likelihood(out, jnp.asarray([1, 1, 1, 1]))) - float(value)) > 1e-3
+  chex.assert_shape([params["prior"]["mean"], params["prior"]["log_std"]], (4, WIDTH))
+  # The prediction does not read the label (test time has none).
+  changed = apply(params, dict(batch, label=(batch["label"] + 1) % 4))
+  chex.assert_trees_all_close(changed["output"], apply(params, batch)["output"])
+
+
+@pytest.mark.slow
+def test_flow_input_selects_the_aligned_or_the_projected_sequences():
+  """flow_input="aligned": X_n is the UMC's aligned sequence of the Conv1D projection
+  (rebuilt here from the submodules); "projected": the projection itself."""
+  from mer_jax.nn.attention import ModalityProjection
+  from mer_jax.nn.gaussian import UncertaintyModule
+  from mer_jax.nn.queries import align_length
+
+  spec, params, apply = classifier()
+  batch = random_batch(spec, batch_size=4, seed=5)
+  out = apply(params, batch)
+  length = max(spec.lengths)
+  (projected_stage,) = cmarr.build(tiny_config({"model.flow_input": "projected"}), spec)
+  projected_out = projected_stage.model.apply({"params": params}, batch, train=False)
+  for index, (name, kernel) in enumerate(zip(MODALITIES, (3, 1, 1), strict=True)):
+    x = ModalityProjection(WIDTH, kernel).apply({"params": params[f"proj_{name}"]}, batch[name],
+                                                batch[f"{name}_mask"])
+    x, mask = align_length(x, jnp.asarray(batch[f"{name}_mask"]), length)
+    _, _, aligned = UncertaintyModule(8, 2, 16).apply({"params": params[f"umc_{name}"]}, x,
+                                                     mask, train=False)
+    np.testing.assert_allclose(out["features"][:, index], aligned, atol=1e-5)
+    np.testing.assert_allclose(projected_out["features"][:, index], x, atol=1e-5)
+    assert np.abs(np.asarray(aligned - x)).max() > 1e-3
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("model.flow_input", "raw", "config.model.flow_input='raw'"),
+    ("loss.rec_norm", "l1", "config.loss.rec_norm='l1'"),
+    ("model.udcl_init_temperature", 0.005, "config.model.udcl_init_temperature=0.005")])
+def test_bad_options_fail_when_the_method_is_built(field, value, message):
+  with pytest.raises(ValueError, match=message):
+    cmarr.build(tiny_config({field: value}), tiny_spec("classification"))
+
+
+def _without(params, *prefixes):
+  return {k: v for k, v in params.items() if not k.startswith(prefixes)}
+
+
+@pytest.mark.slow
+def test_baseline_zero_fills_absent_modalities_and_has_no_reconstruction():
+  """Table 3's Baseline (model.reconstruct=False): no flows, RCAB or prior; an absent
+  modality enters the fusion as zero frames over the whole length, so the prediction
+  does not read it; L_rec = L_flow = 0."""
+  spec, params, _ = classifier()
+  config = tiny_config({"model.reconstruct": False, "missing.kind": "none"})
+  (stage,) = cmarr.build(config, spec)
+  assert not stage.trained_with_missing
+  shapes = jax.eval_shape(lambda: init(stage, random_batch(spec, batch_size=2)))
+  baseline = _without(params, "flow_", "rcab_", "prior")
+  chex.assert_trees_all_equal_shapes(shapes, baseline)
+  batch = random_batch(spec, batch_size=4, seed=6)
+  batch["modality_mask"] = np.array([[True, False, True], [False, True, True],
+                                     [True, True, True], [True, False, False]])
+  out = stage.model.apply({"params": baseline}, batch, train=False)
+  assert "reconstructed" not in out
+  absent = ~batch["modality_mask"]
+  np.testing.assert_array_equal(np.asarray(out["completed"])[absent], 0.0)
+  assert np.asarray(out["completed_mask"])[absent].all()
+  changed = dict(batch)
+  for index, name in enumerate(MODALITIES):
+    changed[name] = np.where(absent[:, index, None, None], 50.0, batch[name])
+  chex.assert_trees_all_close(
+      stage.model.apply({"params": baseline}, changed, train=False)["output"], out["output"],
+      atol=1e-5)
+  _, (terms, _) = stage.loss_fn(baseline, {}, batch, jax.random.key(0), StageContext())
+  assert float(terms["loss_rec"]) == 0.0 and float(terms["loss_flow"]) == 0.0
+  assert float(terms["loss_cls"]) > 0
+
+
+def test_without_umc_attention_drops_the_sequence_interaction():
+  """Table 3's "w/o attention" (model.umc_attention=False): the UMCs have no
+  self-attention parameters and compute a different alignment."""
+  spec, params, apply = classifier()
+  (stage,) = cmarr.build(tiny_config({"model.umc_attention": False}), spec)
+  without = {k: ({n: p for n, p in v.items() if n not in ("attn", "norm_attn")}
+                 if k.startswith("umc_") else v) for k, v in params.items()}
+  shapes = jax.eval_shape(lambda: init(stage, random_batch(spec, batch_size=2)))
+  chex.assert_trees_all_equal_shapes(shapes, without)
+  batch = random_batch(spec, batch_size=4, seed=7)
+  out = stage.model.apply({"params": without}, batch, train=False)
+  full = apply(params, batch)["gaussian_mean"]
+  assert np.abs(np.asarray(out["gaussian_mean"] - full)).max() > 1e-4
+
+
+def test_learned_temperature_is_a_log_space_parameter_with_a_live_gradient():
+  """tau = 0.01 + exp(log_tau), starting at umc_dim; d L_udcl / d log_tau is non-zero
+  per pair, also just above the floor, where the former hard clip had no gradient."""
+  params, batch, gradients = term_gradients()
+  np.testing.assert_allclose(0.01 + np.exp(params["udcl_log_temperature"]), 8.0, rtol=1e-6)
+  for log_tau in (np.log(8.0 - 0.01), np.log(1e-3)):
+    moved = dict(params, udcl_log_temperature=jnp.full((3,), log_tau, jnp.float32))
+    _, grads = gradients(moved, batch)
+    grad = np.asarray(grads["udcl_log_temperature"][TERMS.index("loss_udcl")])
+    assert np.all(np.isfinite(grad)) and np.all(np.abs(grad) > 1e-6), (log_tau, grad)
+
+
+@pytest.mark.slow
 def test_training_lowers_every_loss_term():
   """60 Adam steps on 64 synthetic IEMOCAP-shaped samples (4 batches, fixed seed): the
   mean of each term over the last 10 steps is below its mean over the first 10."""
@@ -336,10 +550,61 @@ def test_configs_carry_the_paper_settings(name, folds):
     assert (config.loss.udcl_weight, config.loss.spcl_weight, config.loss.rec_weight,
             config.loss.flow_weight) == (1.0, 0.1, 10.0, 0.1)
     np.testing.assert_allclose(config.missing.probs, [1 / 6] * 6 + [0.0])
+    assert (config.model.flow_input, config.model.reconstruct, config.loss.rec_through_flow,
+            config.loss.rec_norm) == ("aligned", True, False, "mean")
   real = load_config(name, "")
   assert real.data.num_folds == folds
   assert (real.train.learning_rate, real.train.batch_size, real.train.num_epochs) == (
       1e-5, 16, 100)
+  # Sec. 3.1.1's extractors; every modality brought to 50 frames on loading and in the model.
+  assert tuple(real.data.features) == ("bert_base", "wav2vec2_base", "denseface")
+  assert tuple(real.data.max_lengths) == (50, 50, 50) and real.model.common_length == 50
+  for variant in ("synthetic", "tiny"):
+    config = load_config(name, variant)
+    assert (tuple(config.data.features), tuple(config.data.max_lengths)) == ((), ())
+    assert config.model.common_length == 0  # the synthetic presets' own lengths
+
+
+def parse_command_line(*args):
+  """The config that `python -m mer_jax.train --config=... ARGS` would train: the same
+  absl config-file flag, parsed in a fresh flag namespace."""
+  from absl import flags
+  from ml_collections import config_flags
+
+  argv = ["train", *args]
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values, lock_config=True,
+                                  sys_argv=argv)
+  flag_values(argv)
+  return flag_values.config
+
+
+@pytest.mark.parametrize("title", ["Baseline", "w/o attention", "w/o L_udcl", "w/o L_spcl",
+                                   "w/ Point"])
+def test_table3_ablations_from_the_command_line(title):
+  """Every Table 3 row is `mer_jax.compare`'s ablation entry and a set of command-line
+  overrides that reach the built model and loss."""
+  from mer_jax import compare
+
+  (fields,) = [f for t, _, f in compare.ABLATIONS["cmarr"] if t == title]
+  args = [f"--config.{k}={v}" for k, v in fields.items()]
+  config = parse_command_line(f"--config={os.path.join(REPO, 'configs', 'cmarr_iemocap.py')}:tiny",
+                              *args)
+  for field, value in fields.items():
+    section, name = field.split(".")
+    assert config[section][name] == value, field
+  spec = synthetic.spec_for("iemocap")
+  (stage,) = cmarr.build(config, spec)
+  model = stage.model
+  shapes = jax.eval_shape(lambda: init(stage, random_batch(spec, batch_size=2)))
+  if title == "Baseline":
+    assert not model.reconstruct and model.flow_input == "projected"
+    assert not stage.trained_with_missing
+    assert not any(k.startswith(("flow_", "rcab_", "prior")) for k in shapes)
+    assert (config.loss.udcl_weight, config.loss.spcl_weight) == (0.0, 0.0)
+  elif title == "w/o attention":
+    assert not model.umc_attention and "attn" not in shapes["umc_text"]
+  assert "flow_text" in shapes or title == "Baseline"
 
 
 def test_fold_config_selects_the_fold_and_the_synthetic_seed():
@@ -352,6 +617,7 @@ def test_fold_config_selects_the_fold_and_the_synthetic_seed():
 
 
 def test_aggregate_means_and_stds_over_folds():
+  """crossval.json's aggregate, and the printed table: mean +- std, then every fold."""
   rng = np.random.default_rng(0)
   names = list(missing.COMBINATION_NAMES)
   runs = [{n: {"war": float(rng.random()), "uar": float(rng.random())} for n in names}
@@ -370,6 +636,29 @@ def test_aggregate_means_and_stds_over_folds():
     np.testing.assert_allclose(summary["avg_incomplete"][metric]["mean"], incomplete.mean())
 
 
+def test_the_printed_table_gives_war_and_uar_of_every_fold_with_mean_and_std(tmp_path):
+  rng = np.random.default_rng(1)
+  runs = []
+  for fold in range(3):
+    results = {n: {"war": float(rng.random()), "uar": float(rng.random())}
+               for n in missing.COMBINATION_NAMES}
+    runs.append(results)
+    os.makedirs(tmp_path / f"fold{fold}" / "eval")
+    with open(tmp_path / f"fold{fold}" / "eval" / "results.json", "w") as f:
+      json.dump(results, f)
+  lines = crossval.format_console({"folds": [0, 1, 2]}, str(tmp_path), "classification")
+  lines = lines.splitlines()
+  for metric in ("war", "uar"):
+    first = lines.index(next(line for line in lines if line.split()[:2] == ["test", metric]))
+    rows = {line.split()[0]: line.split()[1:] for line in lines[first + 1:first + 6]}
+    la = [runs[k]["LA"][metric] for k in range(3)]
+    column = list(missing.COMBINATION_NAMES).index("LA")
+    assert [rows[f"fold{k}"][column] for k in range(3)] == [f"{v:.4f}" for v in la]
+    assert rows["mean"][column] == f"{np.mean(la):.4f}"
+    assert rows["std"][column] == f"{np.std(la):.4f}"
+
+
+@pytest.mark.slow
 def test_tiny_run_through_crossval_and_train(tmp_path):
   """One :tiny fold end to end, in process: crossval.run_folds -> mer_jax.train.run."""
   workdir = str(tmp_path)

@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, subprocess_env
 
 COMMAND = re.compile(r"python -m (mer_jax\.\w+)")
 
@@ -71,6 +71,20 @@ def fake_run(main, argv=None, **kwargs):
 
 CLIS = ("train", "evaluate", "predict", "compare", "crossval", "bench", "sweep")
 app.run = fake_run
+
+# The docs name BERT folders of the reader's machine (/models/bert-base-uncased): the
+# check is about the command, so a missing folder stands for a BERT-base one.
+from mer_jax.methods import text_encoder
+from mer_jax.nn import bert
+found = text_encoder.encoder_from_config
+
+def encoder_from_config(model_config):
+  import os
+  if os.path.isdir(model_config.text_encoder_path):
+    return found(model_config)
+  return bert.BertModel(bert.BertConfig(), use_pooler=False), bert.SpecialTokens()
+
+text_encoder.encoder_from_config = encoder_from_config
 baseline = set(flags.FLAGS)
 results = []
 for module, args in json.loads(sys.argv[1]):
@@ -96,7 +110,7 @@ print("RESULTS " + json.dumps(results))
 
 
 def check_commands(commands):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env = subprocess_env()
   result = subprocess.run(
       [sys.executable, "-c", DRIVER, json.dumps([[m, a] for _, m, a in commands])],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

@@ -147,32 +147,57 @@ def set_field(config, field, value):
     node[name] = value
 
 
-@pytest.mark.parametrize("field,value,pattern", [
-    ("method", "mculr", r"config\.method='mculr': unknown method; choose one of"),
-    ("data.source", "mmsaa", r"config\.data\.source='mmsaa': unknown data source"),
-    ("data.task", "ordinal", r"config\.data\.task='ordinal': unknown task"),
-    ("train.batch_size", 6, r"config\.train\.batch_size=6: must be divisible by the number "
-     r"of devices \(4\)"),
-    ("eval.batch_size", 30, r"config\.eval\.batch_size=30: must be divisible"),
-    ("num_devices", 5, r"config\.num_devices=5: must be between 0 .* 4 visible"),
-    ("train.on_nonfinite", "ignore", r"config\.train\.on_nonfinite='ignore': choose one of"),
-    ("train.optimizer", "lamb", r"config\.train\.optimizer='lamb'"),
-    ("missing.kind", "dropout", r"config\.missing\.kind='dropout': unknown training protocol"),
-    ("missing.probs", (0.0,) * 7, r"config\.missing\.probs=.*positive sum"),
-    ("train.num_epochs", 0, r"config\.train\.num_epochs=0: must be >= 1"),
-])
-def test_invalid_config_fails_before_loading_or_compiling(tmp_path, field, value, pattern):
-  config = load_config()
-  set_field(config, field, value)
-  compiled = []
-  listener = lambda event, duration, **kwargs: compiled.append(event)
+@pytest.fixture
+def compile_events():
+  """The names of the jax compile events of the test (`jax.monitoring`)."""
+  events = []
+  listener = lambda event, duration, **kwargs: events.append(event)
   jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
-    with pytest.raises(ValueError, match=pattern):
-      train.run(config, str(tmp_path / "run"))
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
-  assert not [e for e in compiled if "compile" in e]
+  yield events
+  jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def compiled(events):
+  return [e for e in events if "compile" in e]
+
+
+def test_the_compile_listener_sees_a_compilation(compile_events):
+  """Positive control of the "nothing compiled" assertions below."""
+  assert not compiled(compile_events)
+  jax.jit(lambda x: x * 2.718 + 0.5772)(jnp.ones(3)).block_until_ready()
+  assert compiled(compile_events)
+
+
+@pytest.mark.parametrize("config_file,field,value,pattern", [
+    ("dqf_mosei.py", "method", "mculr", r"config\.method='mculr': unknown method; choose one of"),
+    ("dqf_mosei.py", "data.source", "mmsaa", r"config\.data\.source='mmsaa': unknown data source"),
+    ("dqf_mosei.py", "data.task", "ordinal", r"config\.data\.task='ordinal': unknown task"),
+    ("dqf_mosei.py", "train.batch_size", 6, r"config\.train\.batch_size=6: must be divisible by "
+     r"the number of devices \(4\)"),
+    ("dqf_mosei.py", "eval.batch_size", 30, r"config\.eval\.batch_size=30: must be divisible"),
+    ("dqf_mosei.py", "num_devices", 5, r"config\.num_devices=5: must be between 0 .* 4 visible"),
+    ("dqf_mosei.py", "train.on_nonfinite", "ignore",
+     r"config\.train\.on_nonfinite='ignore': choose one of"),
+    ("dqf_mosei.py", "train.optimizer", "lamb", r"config\.train\.optimizer='lamb'"),
+    ("dqf_mosei.py", "missing.kind", "dropout",
+     r"config\.missing\.kind='dropout': unknown training protocol"),
+    ("dqf_mosei.py", "missing.probs", (0.0,) * 7, r"config\.missing\.probs=.*positive sum"),
+    ("dqf_mosei.py", "train.num_epochs", 0, r"config\.train\.num_epochs=0: must be >= 1"),
+    ("dqf_mosei.py", "train.selection_scenarios", "frames",
+     r"config\.train\.selection_scenarios='frames': choose one of"),
+    ("dqf_mosei.py", "data.max_lengths", (50, 50), r"config\.data\.max_lengths=\(50, 50\)"),
+    # A method's own fields, checked when its stages are built for a stand-in dataset.
+    ("cmarr_iemocap.py", "model.flow_input", "raw", r"config\.model\.flow_input='raw'"),
+    ("cmarr_iemocap.py", "loss.rec_norm", "l1", r"config\.loss\.rec_norm='l1'"),
+])
+def test_invalid_config_fails_before_loading_or_compiling(tmp_path, monkeypatch, compile_events,
+                                                          config_file, field, value, pattern):
+  config = load_config(config_file)
+  set_field(config, field, value)
+  monkeypatch.setattr(train.pipeline, "load_data", lambda *a: pytest.fail("data loaded"))
+  with pytest.raises(ValueError, match=pattern):
+    train.run(config, str(tmp_path / "run"))
+  assert not compiled(compile_events)
   assert not os.path.exists(tmp_path / "run")
 
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mer_jax.nn.flows import AffineCoupling, NormalizingFlow, flow_nll
+from mer_jax.nn.flows import AffineCoupling, ClassGaussianPrior, NormalizingFlow, flow_nll
 from mer_jax.nn.gaussian import VIB, GaussianHead, UncertaintyModule, init_class_anchors
 from mer_jax.nn.pooling import masked_max, masked_mean
 from mer_jax.nn.reconstruction import RCAB, ChannelAttention1D, RCABStack
@@ -89,13 +89,13 @@ def flow_and_vars():
 
 
 def test_coupling_is_identity_at_init_and_keeps_its_half():
-  coupling = AffineCoupling(features=FEATURES, hidden=8, parity=1)
+  coupling = AffineCoupling(features=FEATURES, hidden=8)
   x = jax.random.normal(jax.random.key(2), (3, 4, FEATURES))
-  variables = coupling.init(jax.random.key(3), x)
-  z, logdet = coupling.apply(variables, x)
+  variables = coupling.init(jax.random.key(3), x, 1)
+  z, logdet = coupling.apply(variables, x, 1)
   np.testing.assert_array_equal(z, x)
   np.testing.assert_array_equal(logdet, 0.0)
-  z, logdet = coupling.apply(_perturb(variables, jax.random.key(4)), x)
+  z, logdet = coupling.apply(_perturb(variables, jax.random.key(4)), x, 1)
   chex.assert_shape(logdet, (3,))
   np.testing.assert_array_equal(z[..., 1::2], x[..., 1::2])  # parity 1 keeps odd channels
   assert np.max(np.abs(z[..., 0::2] - x[..., 0::2])) > 1e-2
@@ -121,7 +121,11 @@ def test_forward_and_inverse_share_parameters():
   from_forward = flow.init(jax.random.key(0), x)
   from_inverse = flow.init(jax.random.key(0), x, method=NormalizingFlow.inverse)
   chex.assert_trees_all_equal_shapes(from_forward, from_inverse)
-  assert set(from_forward["params"]) == {"couplings_0", "couplings_1"}
+  # One array per parameter kind with a leading layer axis (nn.scan).
+  chex.assert_shape(from_forward["params"]["couplings"]["conditioner_hidden"]["kernel"],
+                    (2, FEATURES, 8))
+  chex.assert_shape(from_forward["params"]["couplings"]["conditioner_out"]["bias"],
+                    (2, 2 * FEATURES))
 
 
 def test_logdet_matches_jacobian_single_frame(flow_and_vars):
@@ -212,6 +216,81 @@ def test_flow_rejects_wrong_width():
     flow.init(jax.random.key(0), jnp.zeros((1, 2, 5)))
 
 
+def _unrolled_flow(params, x, mask, *, inverse=False):
+  """The flow as a Python loop of `AffineCoupling`s, layer i with slice i of the stacked
+  parameters and parity i % 2 (what the scanned stack must equal)."""
+  stacked = params["couplings"]
+  num_layers = jax.tree.leaves(stacked)[0].shape[0]
+  coupling = AffineCoupling(FEATURES, 16)
+  logdet = jnp.zeros(x.shape[:-2])
+  order = range(num_layers - 1, -1, -1) if inverse else range(num_layers)
+  for i in order:
+    layer = {"params": jax.tree.map(lambda p, i=i: p[i], stacked)}
+    if inverse:
+      x = coupling.apply(layer, x, i % 2, mask, method=AffineCoupling.inverse)
+    else:
+      x, layer_logdet = coupling.apply(layer, x, i % 2, mask)
+      logdet = logdet + layer_logdet
+  return x, logdet
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_scanned_flow_equals_the_unrolled_layers(flow_and_vars, remat):
+  """nn.scan (and nn.remat) change neither values nor gradients."""
+  _, variables = flow_and_vars
+  flow = NormalizingFlow(features=FEATURES, num_layers=4, hidden=16, remat=remat)
+  x = jax.random.normal(jax.random.key(40), (2, 5, FEATURES))
+  mask = jnp.array([[True] * 5, [True, False, True, True, False]])
+  z, logdet = flow.apply(variables, x, mask)
+  z_ref, logdet_ref = _unrolled_flow(variables["params"], x, mask)
+  np.testing.assert_allclose(z, z_ref, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(logdet, logdet_ref, rtol=1e-6, atol=1e-5)
+  x_back = flow.apply(variables, z, mask, method=NormalizingFlow.inverse)
+  np.testing.assert_allclose(x_back, _unrolled_flow(variables["params"], z, mask,
+                                                    inverse=True)[0], rtol=1e-6, atol=1e-6)
+
+  def loss(params, apply):
+    out, ld = apply(params)
+    return jnp.sum(out ** 2) - jnp.sum(ld)
+
+  grads = jax.grad(loss)(variables["params"], lambda p: flow.apply({"params": p}, x, mask))
+  grads_ref = jax.grad(loss)(variables["params"], lambda p: _unrolled_flow(p, x, mask))
+  chex.assert_trees_all_close(grads, grads_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_flow_nll_with_a_gaussian_prior_matches_numpy(flow_and_vars):
+  """flow_nll(mean, log_std) against the closed-form diagonal-Gaussian log-density."""
+  flow, variables = flow_and_vars
+  x = jax.random.normal(jax.random.key(41), (3, 5, FEATURES))
+  mask = np.array([[True] * 5, [True, False, True, False, False], [False] * 5])
+  rng = np.random.default_rng(3)
+  mean = rng.normal(size=(3, 1, FEATURES)).astype(np.float32)
+  log_std = rng.normal(scale=0.5, size=(3, 1, FEATURES)).astype(np.float32)
+  z, logdet = flow.apply(variables, x, jnp.asarray(mask))
+  nll = flow_nll(z, logdet, jnp.asarray(mask), mean=mean, log_std=log_std, per_dim=True)
+  z_np, logdet_np = np.asarray(z, np.float64), np.asarray(logdet, np.float64)
+  for b in range(3):
+    real = z_np[b][mask[b]]
+    std = np.exp(log_std[b, 0].astype(np.float64))
+    log_p = -0.5 * np.log(2 * np.pi) - np.log(std) - 0.5 * ((real - mean[b, 0]) / std) ** 2
+    expected = (-log_p.sum() - logdet_np[b]) / max(real.size, 1)
+    np.testing.assert_allclose(nll[b], expected, rtol=1e-5, atol=1e-5)
+  # mean = 0, log_std = 0 is the standard normal of the default.
+  np.testing.assert_allclose(
+      flow_nll(z, logdet, jnp.asarray(mask), mean=np.zeros_like(mean),
+               log_std=np.zeros_like(log_std)), flow_nll(z, logdet, jnp.asarray(mask)),
+      rtol=1e-6)
+
+
+def test_class_gaussian_prior_starts_standard_normal():
+  prior = ClassGaussianPrior(num_classes=3, features=FEATURES)
+  variables = prior.init(jax.random.key(42))
+  mean, log_std = prior.apply(variables)
+  chex.assert_shape([mean, log_std], (3, FEATURES))
+  np.testing.assert_array_equal(mean, 0.0)
+  np.testing.assert_array_equal(log_std, 0.0)
+
+
 # --------------------------------------------------------------------------------- VIB
 
 
@@ -267,16 +346,20 @@ def test_umc_shapes_and_positive_std(umc_and_vars):
   umc, variables = umc_and_vars
   x = jax.random.normal(jax.random.key(18), (3, 6, 8))
   mask = jnp.array([[True] * 6, [True] * 3 + [False] * 3, [True] + [False] * 5])
-  mean, std = umc.apply(variables, x, mask, train=False)
+  mean, std, aligned = umc.apply(variables, x, mask, train=False)
   chex.assert_shape([mean, std], (3, 5))
+  chex.assert_shape(aligned, (3, 6, 8))
   assert np.all(np.asarray(std) > 0)
+  np.testing.assert_array_equal(np.asarray(aligned)[~np.asarray(mask)], 0.0)
+  np.testing.assert_allclose(masked_mean(aligned, mask) @ variables["params"]["mean"]["kernel"]
+                             + variables["params"]["mean"]["bias"], mean, atol=1e-5)
 
 
 def test_umc_empty_mask_is_finite(umc_and_vars):
   umc, variables = umc_and_vars
   x = jax.random.normal(jax.random.key(19), (3, 6, 8))
   mask = jnp.array([[True] * 6, [False] * 6, [False] * 6])
-  mean, std = umc.apply(variables, x, mask, train=False)
+  mean, std, _ = umc.apply(variables, x, mask, train=False)
   assert np.all(np.isfinite(mean)) and np.all(np.isfinite(std))
   # Nothing to pool: the heads see 0 and return their biases.
   p = variables["params"]
@@ -284,8 +367,8 @@ def test_umc_empty_mask_is_finite(umc_and_vars):
   np.testing.assert_allclose(std[2], _softplus(np.asarray(p["std"]["bias"])) + 1e-6, rtol=1e-6)
 
   def loss(params):
-    out_mean, out_std = umc.apply({"params": params}, x, mask, train=False)
-    return jnp.sum(out_mean) + jnp.sum(out_std)
+    out_mean, out_std, aligned = umc.apply({"params": params}, x, mask, train=False)
+    return jnp.sum(out_mean) + jnp.sum(out_std) + jnp.sum(aligned)
 
   grads = jax.grad(loss)(variables["params"])
   assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
@@ -301,8 +384,40 @@ def test_umc_padding_and_permutation_invariance(umc_and_vars):
                               atol=1e-5)
   # No positional encoding + mean pooling: the order of real frames does not matter.
   order = jnp.array([3, 1, 0, 2, 4, 5])
-  chex.assert_trees_all_close(
-      umc.apply(variables, x[:, order], mask[:, order], train=False), reference, atol=1e-5)
+  mean, std, aligned = umc.apply(variables, x[:, order], mask[:, order], train=False)
+  chex.assert_trees_all_close((mean, std), reference[:2], atol=1e-5)
+  chex.assert_trees_all_close(aligned, reference[2][:, order], atol=1e-5)
+
+
+def _layer_norm(x, params, eps=1e-6):
+  mean = x.mean(-1, keepdims=True)
+  var = x.var(-1, keepdims=True)
+  return (x - mean) / np.sqrt(var + eps) * params["scale"] + params["bias"]
+
+
+def test_umc_without_attention_matches_numpy():
+  """attention=False (Table 3's "w/o attention"): the residual pre-norm GELU MLP per
+  frame, zero on padding, masked mean, then the Gaussian heads."""
+  from scipy.special import erf
+
+  umc = UncertaintyModule(embed_dim=5, num_heads=2, mlp_dim=16, attention=False)
+  x = jax.random.normal(jax.random.key(43), (3, 6, 8))
+  mask = np.array([[True] * 6, [True] * 3 + [False] * 3, [True] + [False] * 5])
+  variables = umc.init(jax.random.key(44), x, jnp.asarray(mask), train=False)
+  assert set(variables["params"]) == {"norm_mlp", "mlp_in", "mlp_out", "mean", "std"}
+  mean, std, aligned = umc.apply(variables, x, jnp.asarray(mask), train=False)
+  p = jax.tree.map(lambda v: np.asarray(v, np.float64), variables["params"])
+  h = np.where(mask[..., None], np.asarray(x, np.float64), 0.0)
+  hidden = _layer_norm(h, p["norm_mlp"]) @ p["mlp_in"]["kernel"] + p["mlp_in"]["bias"]
+  hidden = 0.5 * hidden * (1 + erf(hidden / np.sqrt(2)))  # exact GELU ...
+  expected = h + hidden @ p["mlp_out"]["kernel"] + p["mlp_out"]["bias"]
+  expected = np.where(mask[..., None], expected, 0.0)
+  # ... while flax's default is the tanh approximation: agree to its accuracy.
+  np.testing.assert_allclose(aligned, expected, atol=2e-3)
+  pooled = np.stack([expected[b][mask[b]].mean(0) for b in range(3)])
+  np.testing.assert_allclose(mean, pooled @ p["mean"]["kernel"] + p["mean"]["bias"], atol=2e-3)
+  np.testing.assert_allclose(std, _softplus(pooled @ p["std"]["kernel"] + p["std"]["bias"])
+                             + 1e-6, atol=2e-3)
 
 
 # ------------------------------------------------------------------- UCMI head, anchors

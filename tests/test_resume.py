@@ -15,9 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, subprocess_env
+from helpers import read_log
 
 from mer_jax import trainer
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("resume")]
 
 # Short runs with several epochs (so that a kill lands mid-training) and a small final
 # evaluation; every step is logged so that the test sees training progress.
@@ -32,11 +35,7 @@ TIMEOUT = 900
 def env():
   # One persistent compilation cache for every process of this file (and later runs):
   # the restarted run loads the programs its first attempt compiled.
-  cache = os.path.join(REPO, ".pytest_cache", "jax_compilation_cache_cli")
-  env = dict(os.environ, JAX_PLATFORMS="cpu", MER_JAX_COMPILATION_CACHE=cache)
-  env.pop("XLA_FLAGS", None)  # one CPU device, as in the comparison run
-  env.pop("JAX_COMPILATION_CACHE_DIR", None)
-  return env
+  return subprocess_env()  # one CPU device, as in the comparison run
 
 
 def start(args, workdir, env, *, module="mer_jax.train", script=None):
@@ -59,15 +58,6 @@ def finish(process, workdir, expected_code=0):
 def stderr_of(workdir):
   with open(os.path.join(workdir, "..", os.path.basename(workdir) + ".stderr")) as f:
     return f.read()
-
-
-def read_log(workdir):
-  path = os.path.join(workdir, "log.jsonl")
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    # A line being written when the process was killed may be incomplete.
-    return [json.loads(line) for line in f if line.endswith("\n")]
 
 
 def wait_for(process, workdir, predicate, what):
@@ -129,6 +119,11 @@ def references(tmp_path_factory, env):
   root = tmp_path_factory.mktemp("references")
   runs = {name: (start(args, root / name, env), root / name)
           for name, args in (("dqf", DQF), ("mcur", MCUR))}
+  # The interrupted runs start once the references have compiled their first train step
+  # (into the shared compilation cache), so that they load it instead of compiling it
+  # again at the same time on the same cores.
+  for (process, workdir), stage in zip(runs.values(), ("dqf", "teacher"), strict=True):
+    wait_for(process, workdir, lambda r, stage=stage: is_step(r, stage, 0), "a first step")
   yield runs
   for process, _ in runs.values():
     if process.poll() is None:

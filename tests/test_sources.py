@@ -410,16 +410,48 @@ def test_mmin_speaker_and_session_folds_with_per_fold_normalisation(tmp_path):
       assert not got["audio"][row, len(audio):].any()  # padding stays zero
       text = raw[name]["text"]
       np.testing.assert_array_equal(got["text"][row, :len(text)], text)  # no stats: raw
-  # Session folds (CM-ARR's 5): fold 1 = target/3, the first fold of session 2.
+  # Session folds (CM-ARR's 5): test_mmin_session_folds_test_whole_unseen_sessions.
   with config.unlocked():
     config.num_folds = 5
   assert sources.num_folds(config) == 5
-  config.fold = 1
-  session_splits, _ = sources.load(config)
-  np.testing.assert_array_equal(session_splits["test"]["id"], targets[3]["tst"])
   config.num_folds = 4
   with pytest.raises(ValueError, match="10 speaker folds"):
     sources.load(config)
+
+
+def test_mmin_session_folds_test_whole_unseen_sessions(tmp_path):
+  """CM-ARR's leave-one-session-out folds: fold k tests on both speakers of session k+1,
+  validation is a fixed 10% of the training sessions, and no speaker of the test
+  session is in train or validation."""
+  src = tmp_path / "IEMOCAP_features"
+  per_speaker = 5
+  _, labels, targets, _ = write_mmin(src, per_speaker=per_speaker)
+  names = iemocap_names(per_speaker)
+  config = data_config(tmp_path, "mmin", "iemocap", "classification", src, num_folds=5)
+  for fold in range(5):
+    config.fold = fold
+    splits, _ = sources.load(config)
+    ids = {split: [str(n) for n in splits[split]["id"]] for split in files.SPLITS}
+    session = f"Ses0{fold + 1}"
+    assert sorted(ids["test"]) == sorted(n for n in names if n.startswith(session))
+    speakers = {split: {n[:6] for n in ids[split]} for split in files.SPLITS}  # "Ses02F"
+    assert speakers["test"] == {f"{session}F", f"{session}M"}
+    assert not speakers["test"] & (speakers["train"] | speakers["valid"])
+    training = targets[2 * fold + 1]["trn"]  # the four other sessions
+    assert not set(ids["train"]) & set(ids["valid"])
+    assert sorted(ids["train"] + ids["valid"]) == sorted(training)
+    assert len(ids["valid"]) == int(np.ceil(0.1 * len(training)))
+    for split in files.SPLITS:
+      np.testing.assert_array_equal(splits[split]["label"], [labels[n] for n in ids[split]])
+  # Target folders 2s-1 and 2s must split the same session: otherwise the fold is refused.
+  def drop_a_validation_row(cv, prefix, one_hot, int2name):
+    return (one_hot[1:], int2name[1:]) if (cv, prefix) == (2, "val") else (one_hot, int2name)
+
+  bad = tmp_path / "bad"
+  write_mmin(bad, per_speaker=per_speaker, edit=drop_a_validation_row)
+  bad_config = data_config(tmp_path, "mmin", "iemocap", "classification", bad, num_folds=5)
+  with pytest.raises(validation.DataError, match="tst \\+ val differ"):
+    sources.load(bad_config)
 
 
 def test_mmin_raw_audio_is_standardised_with_training_statistics(tmp_path):

@@ -1,6 +1,7 @@
-"""A :tiny training run through `mer_jax.train.run` on fixture files of every real-data
-format (MMSA and MulT pickles, MERBench, MMIN, bring-your-own npz with DQF and MCUR), and a
-cross-dataset evaluation with adapted feature widths.
+""":tiny training runs through `mer_jax.train.run` on fixture files of every real-data
+format: the same arrays written as MMSA, MulT and npz train the same DQF model (equal
+results); MCUR on MulT and npz IEMOCAP; CM-ARR on MMIN and MERBench folds; and a
+cross-dataset evaluation of the shared run with adapted feature widths.
 
 Each run uses the shapes and sizes of the synthetic preset its config trains on, so that
 its compiled programs are shared with the other tests' runs (persistent compilation cache).
@@ -9,6 +10,8 @@ its compiled programs are shared with the other tests' runs (persistent compilat
 import importlib.util
 import json
 import os
+import pickle
+import shutil
 
 import numpy as np
 import pytest
@@ -17,13 +20,15 @@ from test_sources import (
   MERBENCH_FEATURES,
   write_merbench,
   write_mmin,
-  write_mmsa,
   write_mult,
   write_npz,
 )
 
 from mer_jax import evaluate, train
+from mer_jax.data import pipeline
 from mer_jax.metrics import PRIMARY_METRIC
+
+pytestmark = pytest.mark.slow
 
 E2E_DIMS, E2E_LENGTHS = (768, 74, 35), (50, 50, 50)  # the synthetic MOSEI preset's shapes
 IEMOCAP_DIMS, IEMOCAP_LENGTHS = (300, 74, 35), (20, 20, 20)  # the synthetic IEMOCAP preset's
@@ -45,12 +50,6 @@ def load_run_config(config_file, **data):
   return config
 
 
-def write_e2e_mmsa(folder):
-  sizes = tuple(E2E_SIZES.values())
-  return write_mmsa(folder, "aligned_50.pkl", sizes=sizes, dims=E2E_DIMS, lengths=E2E_LENGTHS,
-                    aligned=True)
-
-
 def check_run(workdir, results, source, dims, lengths):
   """The run trained on the fixture (its DataSpec is in config.json) and evaluated every
   fixed combination with finite primary metrics in range."""
@@ -63,14 +62,66 @@ def check_run(workdir, results, source, dims, lengths):
     assert 0.0 <= results[name][metric] <= 1.0, (name, results[name])
 
 
-def test_tiny_dqf_run_on_mmsa_pickle_then_cross_dataset_evaluation(tmp_path):
-  write_e2e_mmsa(tmp_path / "MOSEI")
-  config = load_run_config("dqf_mosei.py", source="mmsa", name="mosei",
-                           dir=str(tmp_path / "MOSEI"), cache_dir=str(tmp_path / "tfds"))
-  workdir = str(tmp_path / "run")
-  results = train.run(config, workdir)
-  check_run(workdir, results, "mmsa", E2E_DIMS, E2E_LENGTHS)
+def same_arrays_in_three_layouts(root):
+  """One MOSEI-shaped dataset (the :tiny sizes, every frame real, as the MulT pickles
+  have them) written as an MMSA aligned_50.pkl, a MulT mosei_senti_data.pkl and npz files;
+  returns {source: data dir} and the arrays."""
+  rng = np.random.default_rng(5)
+  splits = {}
+  for split, num in E2E_SIZES.items():
+    splits[split] = {name: rng.normal(size=(num, length, width)).astype(np.float32)
+                     for name, width, length in zip(("text", "audio", "vision"), E2E_DIMS,
+                                                    E2E_LENGTHS, strict=True)}
+    splits[split]["label"] = np.round(rng.uniform(-3, 3, num), 1).astype(np.float32)
+  mmsa = {split: {"text": a["text"], "audio": a["audio"], "vision": a["vision"],
+                  "regression_labels": a["label"],
+                  "id": np.asarray([f"{split}{i}" for i in range(len(a["label"]))], object)}
+          for split, a in splits.items()}
+  mult = {split: {"text": a["text"], "audio": a["audio"], "vision": a["vision"],
+                  "labels": a["label"].reshape(-1, 1, 1),
+                  "id": np.asarray([[f"{split}{i}".encode(), b"0", b"0"]
+                                    for i in range(len(a["label"]))])}
+          for split, a in splits.items()}
+  for folder, name, data in (("mmsa", "aligned_50.pkl", mmsa),
+                             ("mult", "mosei_senti_data.pkl", mult)):
+    os.makedirs(root / folder)
+    with open(root / folder / name, "wb") as f:
+      pickle.dump(data, f)
+  os.makedirs(root / "npz")
+  for split, arrays in splits.items():
+    np.savez(root / "npz" / f"{split}.npz", **arrays)
+  return {source: str(root / source) for source in ("mmsa", "mult", "npz")}, splits
 
+
+def test_the_same_arrays_in_the_mmsa_mult_and_npz_layouts_train_the_same_model(tmp_path):
+  dirs, arrays = same_arrays_in_three_layouts(tmp_path)
+  runs = {}
+  for source, folder in dirs.items():
+    config = load_run_config("dqf_mosei.py", source=source, name="mosei", dir=folder,
+                             cache_dir=str(tmp_path / "tfds"))
+    splits, spec = pipeline.load_data(config.data)
+    assert spec.dims == E2E_DIMS and spec.lengths == E2E_LENGTHS and spec.task == "regression"
+    for split, expected in arrays.items():
+      for key, value in expected.items():
+        np.testing.assert_array_equal(splits[split][key], value, err_msg=f"{source} {key}")
+      for name in ("text", "audio", "vision"):
+        assert splits[split][f"{name}_mask"].all()
+    workdir = str(tmp_path / f"run_{source}")
+    runs[source] = train.run(config, workdir)
+    check_run(workdir, runs[source], source, E2E_DIMS, E2E_LENGTHS)
+  # One model, whatever the layout it was read from: the same results, metric by metric.
+  for source in ("mult", "npz"):
+    for scenario, metrics in runs["mmsa"].items():
+      for metric, value in metrics.items():
+        if isinstance(value, float):
+          assert runs[source][scenario][metric] == pytest.approx(value, rel=1e-5, abs=1e-7), (
+              source, scenario, metric)
+
+
+@pytest.mark.xdist_group("tiny_run")
+def test_cross_dataset_evaluation_adapts_widths(tiny_run, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(tiny_run[0], workdir)
   # MCUR A.5.9: the MOSEI model on SIMS-shaped features (768/33/709 x 39/400/55).
   write_npz(tmp_path / "sims", sizes=(8, 8, 8), dims=(768, 33, 709), lengths=(39, 400, 55))
   eval_data = load_run_config("dqf_mosei.py", source="npz", name="sims", dir=str(tmp_path / "sims"),
@@ -84,16 +135,7 @@ def test_tiny_dqf_run_on_mmsa_pickle_then_cross_dataset_evaluation(tmp_path):
   with open(os.path.join(workdir, "eval_sims", "results.json")) as f:
     assert json.load(f)["LAV"]["mae"] == pytest.approx(cross["LAV"]["mae"])
   with open(os.path.join(workdir, "eval", "results.json")) as f:
-    assert json.load(f)["LAV"]["mae"] == pytest.approx(results["LAV"]["mae"])
-
-
-def test_tiny_dqf_run_on_own_npz_features(tmp_path):
-  sizes = tuple(E2E_SIZES.values())
-  write_npz(tmp_path / "mine", sizes=sizes, dims=E2E_DIMS, lengths=E2E_LENGTHS)
-  config = load_run_config("dqf_mosei.py", source="npz", name="mine",
-                           dir=str(tmp_path / "mine"), cache_dir=str(tmp_path / "tfds"))
-  results = train.run(config, str(tmp_path / "run"))
-  check_run(str(tmp_path / "run"), results, "npz", E2E_DIMS, E2E_LENGTHS)
+    assert json.load(f)["LAV"]["mae"] == pytest.approx(tiny_run[1]["LAV"]["mae"])
 
 
 def test_tiny_mcur_runs_on_mult_pickle_and_own_npz_features(tmp_path):

@@ -1,43 +1,24 @@
-"""End-to-end training on the tiny synthetic config: run outputs, resume, and the
-same validation losses on 1 and 4 devices."""
+"""End-to-end training on the tiny synthetic config: run outputs (of the shared
+`conftest.tiny_run`), resume, the same validation losses on 1 and 4 devices, and several
+seeds in one program."""
 
-import importlib.util
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
 import pytest
-from conftest import REPO
+from helpers import epoch_records, load_config, read_log, tiny_run_config
 
 from mer_jax import train, trainer
 
-
-def load_config(name="dqf_mosei.py", arg="tiny"):
-  spec = importlib.util.spec_from_file_location("cfg", os.path.join(REPO, "configs", name))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+# Every test here trains or reads the shared run (conftest.tiny_run): one xdist worker.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("tiny_run")]
 
 
-def read_log(workdir):
-  with open(os.path.join(workdir, "log.jsonl")) as f:
-    return [json.loads(line) for line in f]
-
-
-def epoch_records(workdir):
-  return [r for r in read_log(workdir) if "val/loss" in r]
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("dqf_tiny"))
-  results = train.run(load_config(), workdir)
-  return workdir, results
-
-
-def test_run_writes_every_output(finished_run):
-  workdir, results = finished_run
+def test_run_writes_every_output(tiny_run):
+  workdir, results = tiny_run
   for path in ("config.json", "log.jsonl", "eval/results.json", "eval/results.csv",
                "eval/robustness.png"):
     assert os.path.exists(os.path.join(workdir, path)), path
@@ -45,8 +26,8 @@ def test_run_writes_every_output(finished_run):
   assert os.listdir(os.path.join(workdir, "checkpoints", "best"))
   with open(os.path.join(workdir, "eval", "results.json")) as f:
     saved = json.load(f)
-  expected = {"L", "A", "V", "LA", "LV", "AV", "LAV", "MR0.3", "MR0.7", "frame0.0_L",
-              "frame0.5_L", "frame1.0_L", "frame0.0_LAV", "frame0.5_LAV", "summary"}
+  expected = {"L", "A", "V", "LA", "LV", "AV", "LAV", "MR0.5", "frame0.0_L", "frame1.0_L",
+              "frame0.0_LAV", "summary"}
   assert expected <= set(saved)
   assert "frame1.0_LAV" not in saved  # all three modalities fully masked is excluded
   for name in ("acc2_has0", "acc2_non0", "f1_has0", "acc7", "mae", "corr", "brier", "nll"):
@@ -54,53 +35,62 @@ def test_run_writes_every_output(finished_run):
   assert saved == json.loads(json.dumps(results))
   with open(os.path.join(workdir, "eval", "results.csv")) as f:
     assert len(f.read().strip().splitlines()) == len(saved) + 1
-  assert len(epoch_records(workdir)) == 2
+  records = epoch_records(workdir)
+  assert [r["epoch"] for r in records] == [1, 2]
+  best = trainer.read_checkpoint(trainer.checkpoint_dir(workdir, "", "best"))
+  assert int(best["epoch"]) == records[-1]["best_epoch"]
+  # Frame-level missing replaces frames (SPEC section 4): every audio and vision frame
+  # gone is a different input from the full one, so the predictions move.
+  assert saved["frame1.0_L"]["mae"] != saved["frame0.0_L"]["mae"]
 
 
-def test_restarting_a_finished_run_resumes_instead_of_retraining(finished_run, monkeypatch):
-  workdir, results = finished_run
+def test_restarting_a_finished_run_resumes_instead_of_retraining(tiny_run, tmp_path,
+                                                                 monkeypatch):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(tiny_run[0], workdir)
+  results = tiny_run[1]
   before = len(epoch_records(workdir))
   # Same config: the saved results, without loading data or compiling anything.
   monkeypatch.setattr(train.pipeline, "load_data", lambda *a: pytest.fail("data loaded"))
-  again = train.run(load_config(), workdir)
+  again = train.run(tiny_run_config(), workdir)
   assert set(again) == set(results) and again["LAV"] == results["LAV"]
   assert read_log(workdir)[-1]["event"] == "finished"
   monkeypatch.undo()
   # Another evaluation protocol: the trained stages are resumed, not retrained, and the
   # run is evaluated again.
-  config = load_config()
-  config.eval.missing_rates = (0.5,)
+  config = tiny_run_config()
+  config.eval.missing_rates = (0.3,)
   again = train.run(config, workdir)
   assert len(epoch_records(workdir)) == before  # no epoch trained twice
   assert any(r.get("event") == "resume" for r in read_log(workdir))
   assert again["LAV"] == results["LAV"]
-  assert "MR0.5" in again and "MR0.3" not in again
+  assert "MR0.3" in again and "MR0.5" not in again
 
 
-def test_interrupted_run_continues_from_its_last_epoch(tmp_path):
-  workdir = str(tmp_path)
-  config = load_config()
-  config.train.num_epochs = 1
-  train.run(config, workdir)
-  config = load_config()
+def test_a_longer_run_continues_from_the_last_epoch(tiny_run, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(tiny_run[0], workdir)
+  config = tiny_run_config()
   config.train.num_epochs = 3
   train.run(config, workdir)
-  epochs = [r["epoch"] for r in epoch_records(workdir)]
-  assert epochs == [1, 2, 3]
+  records = epoch_records(workdir)
+  assert [r["epoch"] for r in records] == [1, 2, 3]
+  assert records[:2] == epoch_records(tiny_run[0])  # epochs 1-2 were not trained again
+  resumed = [r for r in read_log(workdir) if r.get("event") == "resume"]
+  assert resumed and resumed[0]["epoch"] == 2
 
 
-def test_same_validation_losses_on_one_and_four_devices(tmp_path):
-  losses = {}
-  for devices in (1, 4):
-    config = load_config()
-    config.num_devices = devices
-    config.eval.missing_rates = ()
-    config.eval.frame_rates = ()
-    workdir = str(tmp_path / f"d{devices}")
-    train.run(config, workdir)
-    losses[devices] = [r["val/loss"] for r in epoch_records(workdir)]
-    assert read_log(workdir)[0]["num_devices"] == devices
-  np.testing.assert_allclose(losses[1], losses[4], rtol=1e-4, atol=1e-5)
+def test_same_validation_losses_on_one_and_four_devices(tiny_run, tmp_path):
+  config = tiny_run_config()
+  config.num_devices = 1
+  workdir = str(tmp_path / "one_device")
+  one = train.run(config, workdir)
+  assert read_log(workdir)[0]["num_devices"] == 1
+  assert read_log(tiny_run[0])[0]["num_devices"] == 4
+  np.testing.assert_allclose([r["val/loss"] for r in epoch_records(workdir)],
+                             [r["val/loss"] for r in epoch_records(tiny_run[0])],
+                             rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(one["LAV"]["mae"], tiny_run[1]["LAV"]["mae"], rtol=1e-4)
 
 
 def test_several_seeds_each_equal_their_single_seed_run(tmp_path):

@@ -6,6 +6,7 @@ Every function takes arrays, returns arrays, and is jit- and vmap-compatible.
 from mer_jax.losses.contrastive import (
     contrastive_categories,
     contrastive_loss,
+    cross_modal_supervised_contrastive,
     infonce,
     mcb_contrastive,
     supervised_contrastive,
@@ -45,6 +46,7 @@ __all__ = [
     "class_anchor_update",
     "contrastive_categories",
     "contrastive_loss",
+    "cross_modal_supervised_contrastive",
     "cs_divergence_gaussian",
     "cs_divergence_kernel",
     "distribution_infonce",

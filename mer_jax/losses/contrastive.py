@@ -192,6 +192,45 @@ def supervised_contrastive(embeddings, labels, *, temperature):
   return -_mean_where(mean_log_prob, num_positives > 0)
 
 
+def cross_modal_supervised_contrastive(embeddings, labels, *, temperature):
+  """CM-ARR's L_spcl (cm_arr.txt Sec. 3.3.1): SupCon whose positives are *other
+  modalities of other instances* with the same label.
+
+  For the representation of modality m of sample i, the candidates are the
+  representations of the other modalities n != m of the other samples j != i;
+  positives are those with y_j = y_i, negatives those with another label. Pairs of the
+  same modality, and the other modalities of the same sample, are neither (they are left
+  out of the denominator): the paper's positives are "modalities from different instances
+  but with the same emotion labels" and its negatives "those from different labels",
+  which turns the one-to-one cross-modal pairing of L_udcl into a many-to-many one.
+
+    L = mean_{(m,i): P != {}} -1/|P| sum_{p in P} log( e^{s_p} / sum_{a in C} e^{s_a} )
+
+  with s = x . x' / tau on L2-normalised representations.
+
+  Args:
+    embeddings: (M, B, D) float, one (B, D) block per modality.
+    labels: (B,) int category ids.
+    temperature: tau > 0.
+
+  Returns:
+    Scalar float32 loss; 0 if no anchor has a positive.
+  """
+  num_modalities, batch_size = embeddings.shape[:2]
+  logits = _cosine_logits(embeddings.reshape(num_modalities * batch_size, -1), temperature)
+  modality = jnp.repeat(jnp.arange(num_modalities), batch_size)
+  instance = jnp.tile(jnp.arange(batch_size), num_modalities)
+  category = jnp.tile(labels, num_modalities)
+  candidates = ((modality[:, None] != modality[None, :])
+                & (instance[:, None] != instance[None, :]))
+  positives = candidates & (category[:, None] == category[None, :])
+  log_prob = logits - _masked_logsumexp(logits, candidates)[:, None]
+  num_positives = positives.sum(axis=-1)
+  mean_log_prob = (jnp.sum(jnp.where(positives, log_prob, 0.0), axis=-1)
+                   / jnp.maximum(num_positives, 1))
+  return -_mean_where(mean_log_prob, num_positives > 0)
+
+
 def infonce(embeddings, paired_embeddings, *, temperature):
   """Traditional instance-discrimination CL: symmetric InfoNCE as in CLIP (MCUR ref. [27]).
 

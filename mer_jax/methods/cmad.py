@@ -199,7 +199,9 @@ def base_config() -> ml_collections.ConfigDict:
   # AdamW 2e-5, batch 128, constant rate, gradient norm clipped at 1.0.
   config.teacher = ml_collections.ConfigDict()
   config.teacher.num_epochs = 80
-  config.teacher.learning_rate = 0.0  # 0 = config.train.learning_rate (2e-5 for both)
+  # The teacher's own rate (its script's --learning_rate=2e-5), pinned so that a sweep of
+  # the student's rate leaves the teacher alone; 0 = config.train.learning_rate.
+  config.teacher.learning_rate = 2e-5
   # The teacher file is rewritten every epoch (`torch.save` in `train`), so the student
   # reads the last epoch's teacher.
   config.teacher.selection = "last"

@@ -48,30 +48,34 @@ class UncertaintyModule(nn.Module):
   """CM-ARR's uncertainty modelling component, UMC (cm_arr.txt Sec. 3.1.2, Fig. 3).
 
   A pre-norm per-frame MLP (feature-level interaction, GELU) and a pre-norm multi-head
-  self-attention over the real frames (sequence-level interaction), both residual, then
-  a masked mean over time and two linear heads: the mean and the standard deviation
-  (softplus + 1e-6) of a diagonal Gaussian. The std (not the variance) is returned
-  because the 2-Wasserstein distance of Eq. 1 compares standard deviations.
+  self-attention over the real frames (sequence-level interaction), both residual, give
+  the aligned sequence; a masked mean over time and two linear heads give the mean and
+  the standard deviation (softplus + 1e-6) of a diagonal Gaussian. The std (not the
+  variance) is returned because the 2-Wasserstein distance of Eq. 1 compares standard
+  deviations. The aligned sequence is what CM-ARR's flows transform (the abstract's
+  "transform these aligned distributions").
 
-  Padded frames are zeroed on entry, excluded as attention keys and from the pooling, so
-  their content cannot change the output; a sample with no real frame pools to 0 and
-  gets the heads' biases (finite).
+  Padded frames are zeroed on entry and in the aligned sequence, excluded as attention
+  keys and from the pooling, so their content cannot change the output; a sample with no
+  real frame pools to 0 and gets the heads' biases (finite).
 
   Attributes:
     embed_dim: E, width of mean and std.
     num_heads: attention heads (must divide the input width D).
     mlp_dim: hidden width of the per-frame MLP.
     dropout: dropout rate after the MLP and the attention.
+    attention: False drops the self-attention (MLP only): Table 3's "w/o attention".
   """
 
   embed_dim: int
   num_heads: int = 4
   mlp_dim: int = 256
   dropout: float = 0.0
+  attention: bool = True
 
   @nn.compact
   def __call__(self, x, frame_mask, *, train: bool):
-    """x (B, T, D), frame_mask (B, T) bool -> (mean (B, E), std (B, E))."""
+    """x (B, T, D), frame_mask (B, T) bool -> (mean (B, E), std (B, E), aligned (B, T, D))."""
     width = x.shape[-1]
     real = frame_mask[..., None]
     x = jnp.where(real, x, 0.0)
@@ -79,15 +83,18 @@ class UncertaintyModule(nn.Module):
     h = nn.gelu(nn.Dense(self.mlp_dim, name="mlp_in")(h))
     h = nn.Dense(width, name="mlp_out")(h)
     x = x + nn.Dropout(self.dropout)(h, deterministic=not train)
-    h = nn.LayerNorm(name="norm_attn")(x)
-    h = nn.MultiHeadDotProductAttention(
-        num_heads=self.num_heads, dropout_rate=self.dropout, name="attn")(
-            h, h, mask=nn.make_attention_mask(frame_mask, frame_mask), deterministic=not train)
-    x = x + nn.Dropout(self.dropout)(h, deterministic=not train)
-    pooled = masked_mean(x, frame_mask)
+    if self.attention:
+      h = nn.LayerNorm(name="norm_attn")(x)
+      h = nn.MultiHeadDotProductAttention(
+          num_heads=self.num_heads, dropout_rate=self.dropout, name="attn")(
+              h, h, mask=nn.make_attention_mask(frame_mask, frame_mask),
+              deterministic=not train)
+      x = x + nn.Dropout(self.dropout)(h, deterministic=not train)
+    aligned = jnp.where(real, x, 0.0)
+    pooled = masked_mean(aligned, frame_mask)
     mean = nn.Dense(self.embed_dim, name="mean")(pooled)
     std = nn.softplus(nn.Dense(self.embed_dim, name="std")(pooled)) + _MIN_SCALE
-    return mean, std
+    return mean, std, aligned
 
 
 class GaussianHead(nn.Module):

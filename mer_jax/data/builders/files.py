@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -215,6 +216,20 @@ def check_single_fold(data_config, source: str):
   if int(data_config.fold) != 0:
     raise ValueError(f"config.data.fold={data_config.fold}: {source} {data_config.name} has "
                      f"fixed train/valid/test splits (one fold, fold 0)")
+
+
+VALID_FRACTION = 0.1  # of the training sessions, for model selection in session folds
+
+
+def hold_out_validation(names: list[str], *, fold: int,
+                        fraction: float = VALID_FRACTION) -> tuple[list[str], list[str]]:
+  """(train, valid): a fixed `fraction` (rounded up) of `names` as validation, drawn with
+  the fold as seed, so every run of a fold selects alike (leave-one-session-out folds
+  take validation from the training sessions, never from the test session)."""
+  order = np.random.default_rng(fold).permutation(len(names))
+  valid_rows = set(order[:math.ceil(fraction * len(names))].tolist())
+  return ([n for i, n in enumerate(names) if i not in valid_rows],
+          [n for i, n in enumerate(names) if i in valid_rows])
 
 
 def option(data_config, name: str, default=None):

@@ -19,7 +19,6 @@ from a source you trust.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 
@@ -48,7 +47,6 @@ DEFAULT_FEATURES = ("Baichuan-13B-Base-FRA", "wav2vec2-large-960h-FRA",
 CORPUS_KEYS = {"train": "train_corpus", "valid": "val_corpus", "test": "test_corpus"}
 WHOLE_CORPUS = "whole_corpus"
 NUM_SESSIONS = 5  # IEMOCAP
-VALID_FRACTION = 0.1  # of the training sessions, for model selection in session folds
 SESSION_PATTERN = re.compile(r"^Ses0([1-5])")
 
 MANUAL_DOWNLOAD_INSTRUCTIONS = """\
@@ -131,11 +129,8 @@ def split_names(corpora: dict[str, dict], *, fold: int, source: str) -> dict[str
     sessions = session_folds(names, source=source)
     test = [n for n, s in zip(names, sessions, strict=True) if s == fold]
     rest = [n for n, s in zip(names, sessions, strict=True) if s != fold]
-    # A fixed choice per fold (seeded by the fold), so every run of a fold selects alike.
-    order = np.random.default_rng(fold).permutation(len(rest))
-    valid_rows = set(order[:math.ceil(VALID_FRACTION * len(rest))].tolist())
-    return {"train": [n for i, n in enumerate(rest) if i not in valid_rows],
-            "valid": [n for i, n in enumerate(rest) if i in valid_rows], "test": test}
+    train, valid = files.hold_out_validation(rest, fold=fold)
+    return {"train": train, "valid": valid, "test": test}
   missing = [k for k in CORPUS_KEYS.values() if k not in corpora]
   if missing:
     raise validation.DataError(f"{source}: keys {missing} are missing (found {sorted(corpora)});"

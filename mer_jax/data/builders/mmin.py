@@ -11,8 +11,12 @@ the same layout): IEMOCAP (10 folds) and MSP-IMPROV (12 folds), 4 emotions.
 Folds: MMIN's folds k = 1..10 (IEMOCAP) / 1..12 (MSP-IMPROV) leave one session out and
 use one of its two speakers for validation and the other for test (folds 2s-1 and 2s
 share session s). `config.data.num_folds` picks the protocol: the number of target
-folders (speaker folds: fold i reads target/<i+1>) or half of it (session folds, CM-ARR's
-5 / 6: fold i reads target/<2i+1>, the first fold of session i+1).
+folders (speaker folds: fold i reads target/<i+1> as it is) or half of it (session folds,
+CM-ARR's 5 / 6): fold i tests on the whole session i+1 (both speakers: tst and val of
+target/<2i+1>, which must be those of target/<2i+2> too), trains on that folder's trn
+(the other sessions) minus a fixed 10% of it that is the validation split
+(`files.hold_out_validation`, seeded by the fold), so no speaker of the test session is
+seen in training or model selection.
 
 Normalisation, per fold as MMIN: a modality with a `<type>_mean_std.h5` is standardised
 with that fold's statistics; an audio type ending in `_raw` (MMIN's `comparE_raw`) with
@@ -48,7 +52,7 @@ MMIN-format features (read-only; nothing is written into this folder).
     L/<text type>.h5, A/<audio type>.h5, V/<vision type>.h5   {utterance: (T, D) array}
         types from config.data.features (text, audio, vision); default
         (bert_large, comparE, denseface) for IEMOCAP, (bert_large, comparE_raw, denseface)
-        for MSP-IMPROV
+        for MSP-IMPROV; configs/cmarr_*.py read (bert_base, wav2vec2_base, denseface)
     A/comparE_mean_std.h5   (optional: per-fold normalisation statistics)
     target/<k>/{trn,val,tst}_label.npy and {trn,val,tst}_int2name.npy for k = 1..10
         (IEMOCAP) or 1..12 (MSP-IMPROV)
@@ -85,8 +89,9 @@ def target_folds(root: str) -> list[int]:
                 if name.isdigit() and os.path.isdir(os.path.join(target, name)))
 
 
-def fold_protocol(root: str, dataset: str, fold: int, requested: int) -> tuple[int, int]:
-  """(target folder k, number of folds) of `fold` under `requested` folds (0 = MMIN's)."""
+def fold_protocol(root: str, dataset: str, fold: int, requested: int) -> tuple[int, int, bool]:
+  """(target folder k, number of folds, whole-session test) of `fold` under `requested`
+  folds (0 = MMIN's speaker folds)."""
   available = target_folds(root)
   total = len(available)
   if total == 0:
@@ -105,7 +110,7 @@ def fold_protocol(root: str, dataset: str, fold: int, requested: int) -> tuple[i
                      f"target/ ({total} folds, or {total // 2} session folds)")
   if not 0 <= fold < folds:
     raise ValueError(f"config.data.fold={fold} is outside range({folds})")
-  return step * fold + 1, folds
+  return step * fold + 1, folds, step == 2
 
 
 def _h5py():
@@ -167,20 +172,49 @@ def read_names(path: str, num: int | None = None) -> list[str]:
                                                   source=path, key="int2name")]
 
 
+def read_target(target: str, prefix: str, split: str) -> tuple[list[str], np.ndarray, str]:
+  """(utterance names, class ids, label file) of `target/<prefix>_{label,int2name}.npy`."""
+  label_file = require_file(os.path.join(target, f"{prefix}_label.npy"), f"{split} labels")
+  labels = np.load(label_file, allow_pickle=True)
+  num = validation.num_rows(labels, source=label_file, key="labels")
+  names = read_names(require_file(os.path.join(target, f"{prefix}_int2name.npy"),
+                                  f"{split} utterance names"), num)
+  return names, validation.class_labels(labels, source=label_file, key="labels", num=num,
+                                        num_classes=len(CLASS_NAMES)), label_file
+
+
+def split_targets(root: str, cv: int, *, fold: int, whole_session: bool):
+  """{split: (names, class ids, label file)} of target folder `cv`; with `whole_session`
+  the test split is the whole held-out session and validation comes from training."""
+  target = os.path.join(root, "target", str(cv))
+  parts = {split: read_target(target, prefix, split) for split, prefix in TARGET_SPLITS.items()}
+  if not whole_session:
+    return parts
+  label_of = {n: y for names, ids, _ in parts.values() for n, y in zip(names, ids, strict=True)}
+  session = parts["test"][0] + parts["valid"][0]
+  partner = os.path.join(root, "target", str(cv + 1))
+  partner_session = (read_target(partner, "tst", "test")[0]
+                     + read_target(partner, "val", "valid")[0])
+  if sorted(session) != sorted(partner_session):
+    raise validation.DataError(
+        f"{target} and {partner}: tst + val differ ({len(session)} vs {len(partner_session)} "
+        f"utterances); expected MMIN's layout, in which folders {cv} and {cv + 1} split the "
+        f"same held-out session into its two speakers")
+  train, valid = files.hold_out_validation(parts["train"][0], fold=fold)
+  source = f"{target} (session fold {fold})"
+  return {split: (names, np.asarray([label_of[n] for n in names], np.int32), source)
+          for split, names in (("train", train), ("valid", valid), ("test", session))}
+
+
 def read(config: files.FileSourceConfig) -> tuple[dict[str, dict[str, np.ndarray]], DataSpec]:
   """The MMIN features of `config` (one fold) in the in-memory layout, and its DataSpec."""
   root = root_dir(config.source_path, config.dataset)
-  cv, _ = fold_protocol(root, config.dataset, config.fold, config.num_folds)
-  target = os.path.join(root, "target", str(cv))
+  cv, _, whole_session = fold_protocol(root, config.dataset, config.fold, config.num_folds)
   max_lengths = config.max_lengths or (0, 0, 0)
   parts = {}
-  for split, prefix in TARGET_SPLITS.items():
-    label_file = require_file(os.path.join(target, f"{prefix}_label.npy"), f"{split} labels")
-    labels = np.load(label_file, allow_pickle=True)
-    num = validation.num_rows(labels, source=label_file, key="labels")
-    validation.check_num_samples(num, source=label_file, split=split)
-    names = read_names(require_file(os.path.join(target, f"{prefix}_int2name.npy"),
-                                    f"{split} utterance names"), num)
+  for split, (names, labels, label_file) in split_targets(
+      root, cv, fold=config.fold, whole_session=whole_session).items():
+    validation.check_num_samples(len(names), source=label_file, split=split)
     part = {}
     for index, (name, folder, kind) in enumerate(zip(MODALITIES, MODALITY_DIRS, config.features,
                                                      strict=True)):
@@ -188,8 +222,7 @@ def read(config: files.FileSourceConfig) -> tuple[dict[str, dict[str, np.ndarray
       part[name], part[f"{name}_mask"] = validation.stack_sequences(
           read_h5_features(path, names), source=path, key=f"{name} features",
           max_length=int(max_lengths[index]))
-    part["label"] = validation.class_labels(labels, source=label_file, key="labels", num=num,
-                                            num_classes=len(CLASS_NAMES))
+    part["label"] = labels
     part["id"] = np.asarray(names, dtype=str)
     parts[split] = part
   parts, dims, lengths = files.pad_splits(parts, source=root)
@@ -240,8 +273,8 @@ def make_config(data_config) -> files.FileSourceConfig:
     raise ValueError(f"config.data.task={data_config.task!r}: MMIN {dataset} labels define the "
                      f"'classification' task (4 emotions)")
   root = root_dir(data_config.dir, dataset)
-  cv, folds = fold_protocol(root, dataset, int(data_config.fold),
-                            int(files.option(data_config, "num_folds", 0) or 0))
+  cv, folds, whole_session = fold_protocol(root, dataset, int(data_config.fold),
+                                           int(files.option(data_config, "num_folds", 0) or 0))
   features = files.per_modality(files.option(data_config, "features", ()), "features",
                                 DEFAULT_FEATURES[dataset])
   max_lengths = files.per_modality(files.option(data_config, "max_lengths", ()), "max_lengths",
@@ -250,10 +283,12 @@ def make_config(data_config) -> files.FileSourceConfig:
             for name, folder, kind in zip(MODALITIES, MODALITY_DIRS, features, strict=True)]
   hashed += [p for folder, kind in zip(MODALITY_DIRS, features, strict=True)
              if os.path.isfile(p := os.path.join(root, folder, f"{kind}_mean_std.h5"))]
-  target = os.path.join(root, "target", str(cv))
-  hashed += [os.path.join(target, f) for f in sorted(os.listdir(target)) if f.endswith(".npy")]
+  for k in (cv, cv + 1) if whole_session else (cv,):
+    target = os.path.join(root, "target", str(k))
+    hashed += [os.path.join(target, f) for f in sorted(os.listdir(target)) if f.endswith(".npy")]
   return files.make_config(
       dataset=dataset, source_path=root, task="classification",
       fingerprint_digest=files.fingerprint(hashed, root=root), fold=int(data_config.fold),
       num_folds=folds, features=tuple(features), max_lengths=tuple(int(v) for v in max_lengths),
-      description=f"MMIN {dataset} fold {data_config.fold} of {folds} (target/{cv})")
+      description=(f"MMIN {dataset} fold {data_config.fold} of {folds} (target/{cv}"
+                   f"{', whole-session test' if whole_session else ''})"))
