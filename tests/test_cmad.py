@@ -349,6 +349,7 @@ def test_cafd_mode_from_the_command_line(mode):
     cmad.build(bad, tiny_spec())
 
 
+@pytest.mark.slow
 def test_student_trains_deterministically_as_the_official_student():
   """With student_train_mode False the student's training loss does not depend on the
   dropout rates (the frozen teacher is deterministic anyway); with True it does."""
