@@ -365,7 +365,9 @@ def test_train_step_is_the_same_on_one_and_four_devices():
     state, metrics = step(state, parallel.shard_batch(batch, mesh))
     results.append((jax.device_get(state.params), float(metrics["loss"])))
   chex.assert_trees_all_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-5)
+  # The loss is near 0 (about -3e-3): float reassociation across the device split moves
+  # it by ~4e-8 (the scanned layers reduce in another order), hence an absolute floor.
+  np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-5, atol=1e-7)
 
 
 def test_encoder_gets_its_own_learning_rate():
