@@ -1,16 +1,20 @@
 """CMAD: Correlation-aware and Modalities-aware Distillation (cmad_supplementary.txt),
 as SPEC section 7 decides it.
 
-Two stages, one architecture (Sec. 6.1): Conv1D + Perceiver per modality, a 2-layer
-transformer over the modality tokens and a linear fusion layer
-(`nn.fusion.PerceiverFusion` with one MLP layer) give the fused embedding E (B, D); a
-linear classifier predicts. No VIB.
+Two stages, one architecture (Sec. 6.1), the official code's (YetZzzzzz/CMAD
+`student_model.py`, `mcur.official_backbone`): Conv1D + Perceiver per modality, a 2-layer
+post-norm transformer over the modality tokens and the fused layer Linear(3D -> D) ->
+Dropout -> ReLU (`nn.fusion.PerceiverFusion`) give the fused embedding E (B, D); a linear
+classifier predicts. No VIB. Training as the official scripts (docs/decisions.md): the
+teacher clips gradients at 1.0 and keeps its last epoch, the student trains without
+dropout (`model.student_train_mode = False`) and keeps its best full-modality dev F1.
 
   teacher: L = mean L_task (MAE for regression, cross-entropy otherwise) on
     `config.teacher.missing` (full modalities by default).
   student: L = delta * L_CAFD + mean_i(Psi_{c_i} * task_i) + gamma * mean_i(Psi_{c_i} * aux_i)
-    on `config.missing` (training drop with probabilities (2,3,3,1,1,3,1)/14), the
-    frozen teacher run on the clean full-modality batch inside the same compiled step.
+    on `config.missing` (training drop with probabilities (2,3,3,1,1,3,1)/14), with the
+    frozen teacher's outputs on the clean full-modality batch (computed once per stage by
+    the trainer, or in the step with `config.train.cache_teacher=False`).
 
 MAR (Table 5, Algorithm 1): the per-combination memory (`losses.mar_init`) is the
 student's method state. For the first G epochs (`loss.mar_epochs`) the weights Psi are

@@ -9,11 +9,14 @@ a VIB (`nn.gaussian.VIB`) giving the fused embedding E, and a linear classifier.
     modalities by default; Table 14's variants: "noise", "random_mr", "drop" with any
     probability vector).
   student (Eq. 15 / 23): L = gamma * L_CL + L_MSE + zeta * mean(L_SUGR) + beta * KL, on
-    `config.missing` (training drop, uniform 1/7), with the frozen teacher run on the
-    clean full-modality batch inside the same compiled step.
+    `config.missing` (training drop, uniform 1/7), with the frozen teacher's outputs on
+    the clean full-modality batch (computed once per stage by the trainer, or in the
+    step with `config.train.cache_teacher=False`).
 
-Every loss term has a switch in `config.loss` (Table 2: `use_cl`, `use_uncertainty`,
-`use_logits`, `use_mse`; Table 3: `contrastive` in mcb | infonce | one_instance | supcon).
+The backbone is the official CMAD code's (`official_backbone`, docs/methods.md: Table 9's
+parameter counts). Every loss term has a switch in `config.loss` (Table 2: `use_cl`,
+`use_uncertainty`, `use_logits`, `use_mse`; Table 3: `contrastive` in mcb | infonce |
+one_instance | supcon; `task_weight`, `sugr_detach_weight`).
 """
 
 from __future__ import annotations
