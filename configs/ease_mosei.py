@@ -3,8 +3,13 @@ r"""EASE (uncertainty-calibrated elastic alignment) on CMU-MOSEI sentiment regre
     python -m mer_jax.train --config configs/ease_mosei.py:synthetic --workdir /tmp/ease_mosei
 
 Variants: `:synthetic` (embedded MOSEI-shaped data, no download, a few CPU minutes),
-`:tiny` (seconds, for tests); none = the real MMSA `aligned_50.pkl` in `--config.data.dir`
-with the paper's hyper-parameters (ease.txt A.3).
+`:tiny` (seconds, for tests); none = the paper's experiment (ease.txt A.3-A.4): the MMSA
+`unaligned_50.pkl` in `--config.data.dir` with BERT fine-tuned on its token ids, which
+needs a local BERT folder:
+
+    python -m mer_jax.train --config configs/ease_mosei.py --workdir runs/ease_mosei \
+        --config.data.dir=/data/MOSEI/Processed \
+        --config.model.text_encoder_path=/models/bert-base-uncased
 """
 
 from mer_jax import config_lib
@@ -15,10 +20,11 @@ def get_config(arg=None):
   variant = config_lib.parse_variant(arg)
   config = config_lib.base_config()
 
-  # Data: MMSA MOSEI (BERT 768 / COVAREP 74 / Facet 35, aligned to 50 frames), labels in
-  # [-3, 3].
+  # Data: MMSA MOSEI unaligned (A.4: BERT tokens x 50, COVAREP 74 x 500, Facet 35 x 500),
+  # labels in [-3, 3].
   config.data.source = "mmsa"
   config.data.name = "mosei"
+  config.data.file = "unaligned_50.pkl"
   config.data.task = "regression"
 
   # Model, losses, optimiser, protocols: mer_jax.methods.ease.configure (ease.txt A.3).

@@ -125,7 +125,7 @@ def run_benchmark(config, *, steps: int = 10, repeats: int = 3, loop_epochs: int
   mesh = parallel.make_mesh(config.num_devices)
   stages = build_stages(config, spec)
   batcher = pipeline.Batcher(splits["train"], config.train.batch_size, mesh,
-                             on_device=config.data.on_device)
+                             **pipeline.placement(config.data))
   example = {k: v[:2] for k, v in batcher.arrays.items()}
   key = jax.random.key(config.seed)
   context = StageContext()

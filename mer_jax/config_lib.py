@@ -11,6 +11,7 @@ from __future__ import annotations
 import ml_collections
 
 from mer_jax.data.missing import COMBINATION_NAMES
+from mer_jax.data.pipeline import DEVICE_MEMORY_SHARE
 
 VARIANTS = ("", "synthetic", "tiny")
 
@@ -45,9 +46,15 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.source = "synthetic"
   config.data.name = "mosei"
   config.data.dir = ""  # Real sources: the folder with the user's files (read-only).
+  # The file to read in that folder where a source has several (MMSA MOSI/MOSEI:
+  # aligned_50.pkl | unaligned_50.pkl); "" = the source's default.
+  config.data.file = ""
   config.data.fold = 0
   config.data.task = "regression"
-  config.data.on_device = True  # Keep whole splits on the accelerator when they fit.
+  config.data.on_device = True  # Keep whole splits on the accelerator when they fit:
+  # a split is resident only if it takes at most this share of one device's memory (CPU:
+  # of host memory); larger ones stream from host memory with prefetch, same batches.
+  config.data.device_memory_share = DEVICE_MEMORY_SHARE
   config.data.seed = 0  # Synthetic data seed: the data stay fixed when config.seed changes.
   config.data.num_train = 0  # Synthetic sizes; 0 = the preset's default.
   config.data.num_valid = 0
@@ -169,6 +176,9 @@ _CHOICES = {
     "eval.frame_mode": ("random", "span"),
     "eval.frame_fill": ("zero", "normal"),
     "model.text_encoder": ("features", "bert"),
+    # DQF's Table 4 ablations (mer_jax.methods.dqf).
+    "model.unimodal_encoder": ("qua", "transformer"),
+    "model.pair_fusion": ("qca", "transformer", "mult"),
 }
 # Which sources read the per-modality `config.data` options.
 DATA_OPTION_READERS = {"features": ("merbench", "mmin", "npz"),
@@ -242,12 +252,12 @@ def validate_config(config, spec=None, *, num_train: int | None = None) -> None:
                                    if field.startswith("teacher") else ""))
   if _get(config, "model.text_encoder") == "bert":
     if not _get(config, "model.text_encoder_path"):
-      fail("model.text_encoder_path", "config.model.text_encoder='bert' fine-tunes BERT as "
-           "the paper does: set --config.model.text_encoder_path to a local Hugging Face BERT "
-           "folder holding config.json and model.safetensors (vocab.txt optional; "
-           "docs/methods.md#getting-a-local-bert-folder), or run on the data's frozen text "
-           "features with --config.model.text_encoder=features (then the numbers are not "
-           "the papers')")
+      fail("model.text_encoder_path", "this config fine-tunes BERT "
+           "(config.model.text_encoder='bert'): pass --config.model.text_encoder_path=FOLDER, "
+           "a local Hugging Face BERT folder holding config.json and model.safetensors "
+           "(vocab.txt optional; docs/methods.md#fine-tuning-bert), or "
+           "--config.model.text_encoder=features to train on the data's frozen text "
+           "features instead (its numbers are not the papers')")
     if config.data.source not in TOKEN_ID_SOURCES:
       fail("data.source", f"gives no token ids; config.model.text_encoder='bert' reads the "
            f"ids of {TOKEN_ID_SOURCES} data (MMSA text_bert)")

@@ -430,6 +430,7 @@ def main(argv):
     eval_data.source = _EVAL_SOURCE.value or eval_data.source
     eval_data.name = _EVAL_NAME.value
     eval_data.dir = _EVAL_DIR.value or ""
+    eval_data.file = ""  # the run's file (e.g. EASE's unaligned_50.pkl) names its own dataset's
   workdir = _WORKDIR.value
   config = load_run_config(workdir)
   evaluate_run(workdir, config, checkpoint=_CHECKPOINT.value,

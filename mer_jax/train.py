@@ -49,7 +49,8 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
 RESUMABLE_CHANGES = ("train.num_epochs", "train.progress", "train.log_every_steps",
                      "train.on_nonfinite", "train.checkpoint_every_epochs",
                      "train.checkpoint_every_seconds", "num_devices", "data.on_device",
-                     "data.cache_dir", "data.spec", "log.tensorboard")
+                     "data.device_memory_share", "data.cache_dir", "data.spec",
+                     "log.tensorboard")
 
 
 # Fields that change no result of a finished run (a run with only these changed is

@@ -29,7 +29,7 @@ import tqdm
 from mer_jax import metrics as metrics_lib
 from mer_jax import parallel
 from mer_jax.data import missing
-from mer_jax.data.pipeline import Batcher
+from mer_jax.data.pipeline import DEVICE_MEMORY_SHARE, Batcher, placement
 from mer_jax.methods.base import Stage, StageContext
 from mer_jax.run_log import RunLogger
 
@@ -460,12 +460,13 @@ class Predictor:
   """
 
   def __init__(self, stage: Stage, mesh, batch_size: int, *, on_device: bool,
-               frame_mode: str = "random", frame_fill: str = "zero",
-               flag_dropped: bool = False):
+               device_memory_share: float = DEVICE_MEMORY_SHARE, frame_mode: str = "random",
+               frame_fill: str = "zero", flag_dropped: bool = False):
     self.stage = stage
     self.mesh = mesh
     self.batch_size = batch_size
     self.on_device = on_device
+    self.device_memory_share = device_memory_share
     self._cached = None
 
     def one_scenario(params, method_state, batch, modality_mask, frame_rates, noise_intensity,
@@ -492,9 +493,12 @@ class Predictor:
   def from_config(cls, stage: Stage, mesh, config, *, batch_size: int | None = None,
                   on_device: bool | None = None) -> Predictor:
     """The predictor of a run config: `config.eval` batch size and frame masking
-    (`frame_mode`, `frame_fill`), `config.missing.flag_dropped_frames`."""
-    return cls(stage, mesh, batch_size or config.eval.batch_size,
-               on_device=config.data.on_device if on_device is None else on_device,
+    (`frame_mode`, `frame_fill`), `config.missing.flag_dropped_frames`, the data placement
+    (`config.data.on_device`, `device_memory_share`)."""
+    placed = placement(config.data)
+    if on_device is not None:
+      placed["on_device"] = on_device
+    return cls(stage, mesh, batch_size or config.eval.batch_size, **placed,
                frame_mode=config.eval.get("frame_mode", "random"),
                frame_fill=config.eval.get("frame_fill", "zero"),
                flag_dropped=bool(config.missing.get("flag_dropped_frames", False)))
@@ -502,7 +506,8 @@ class Predictor:
   def _batcher(self, split: Mapping[str, np.ndarray]) -> Batcher:
     # One resident copy per split, reused by every scenario evaluated on it.
     if self._cached is None or self._cached[0] is not split:
-      self._cached = (split, Batcher(split, self.batch_size, self.mesh, on_device=self.on_device))
+      self._cached = (split, Batcher(split, self.batch_size, self.mesh, on_device=self.on_device,
+                                     device_memory_share=self.device_memory_share))
     return self._cached[1]
 
   def predict_scenarios(self, params, method_state, split: Mapping[str, np.ndarray], *,
@@ -528,8 +533,8 @@ class Predictor:
     frame_rates = jnp.asarray(frame_rates, jnp.float32).reshape(num_scenarios, 3)
     noise_intensities = jnp.asarray(noise_intensities, jnp.float32).reshape(num_scenarios)
     chunks = []
-    for i, rows in enumerate(batcher.ordered_rows()):
-      batch = batcher.batch(rows)
+    ordered = batcher.ordered_rows()
+    for i, (rows, batch) in enumerate(zip(ordered, batcher.batches(ordered), strict=True)):
       batch.pop("index")
       batch["scenario_modality_mask"] = parallel.shard_batch(modality_masks[rows], self.mesh)
       chunks.append(self._forward(params, method_state, batch, frame_rates, noise_intensities,
@@ -901,8 +906,7 @@ def train_stage(stage: Stage, config, splits, spec, mesh, workdir: str, *,
   per_seed = (lambda values: jnp.asarray(np.asarray(values))) if stacked else (
       lambda values: jnp.asarray(values[0]))
   tag = stage.name or config.method
-  batcher = Batcher(splits["train"], train_config.batch_size, mesh,
-                    on_device=config.data.on_device)
+  batcher = Batcher(splits["train"], train_config.batch_size, mesh, **placement(config.data))
   steps_per_epoch = batcher.steps_per_epoch()
   tx = make_optimizer(train_config, steps_per_epoch, stage.num_epochs,
                       learning_rate=stage.learning_rate, grad_clip=stage.grad_clip)
@@ -975,12 +979,13 @@ def train_stage(stage: Stage, config, splits, spec, mesh, workdir: str, *,
     for epoch in range(start_epoch, stage.num_epochs):
       rows = epoch_rows(epoch)[skip_steps:]
       skip_steps = 0
-      bar = tqdm.tqdm(rows, desc=f"{tag} epoch {epoch + 1}/{stage.num_epochs}",
+      bar = tqdm.tqdm(batcher.batches(rows), total=len(rows),
+                      desc=f"{tag} epoch {epoch + 1}/{stage.num_epochs}",
                       disable=not train_config.progress or jax.process_index() != 0,
                       leave=False)
       started, accumulator = time.time(), None
-      for index_in_epoch, step_rows in enumerate(bar):
-        state, step_metrics = train_step(state, batcher.batch(step_rows))
+      for index_in_epoch, batch in enumerate(bar):
+        state, step_metrics = train_step(state, batch)
         if preemption.requested:
           checkpoints.write(state, epoch_end=False)
           checkpoints.close()

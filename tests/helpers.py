@@ -56,6 +56,38 @@ class Toy(nn.Module):
     return {"output": output, "embedding": embedding}
 
 
+def parse_flags(*argv):
+  """A config as `mer_jax.train` parses it (`--config FILE[:variant]` then
+  `--config.a.b=value` overrides), in-process."""
+  from absl import flags
+  from ml_collections import config_flags
+
+  argv = ["train", *argv]
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True,
+                                  sys_argv=argv)
+  values(argv)
+  return values.config
+
+
+def random_params(model, batch, seed=0, scale=0.3):
+  """Params of `model` for `batch` with every leaf drawn from N(0, scale^2) (LayerNorm
+  scales around 1): shapes from `jax.eval_shape`, so nothing is compiled for them."""
+  import jax
+
+  shapes = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, batch,
+                                             train=False))["params"]
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    values = rng.normal(scale=scale, size=leaf.shape)
+    if getattr(path[-1], "key", None) == "scale":
+      values = 1.0 + values
+    return values.astype(leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
 def toy_train_config(**train):
   """A base config for trainer tests on `Toy` stages: batch 8, 3 epochs, no progress bars;
   `train` overrides `config.train` fields."""
@@ -117,3 +149,20 @@ def tiny_run_config():
   config.eval.missing_rates = (0.5,)
   config.eval.frame_rates = (0.0, 1.0)
   return config
+
+
+def force_streamed_shards(monkeypatch):
+  """The large-split path at test size: one example per array_record shard, and TFDS's
+  shuffler told to spill at once (its spill needs TensorFlow, so a builder that still
+  went through it fails). Needs a machine without TensorFlow, as mer_jax's."""
+  import importlib.util
+
+  import pytest
+  import tensorflow_datasets.core.shuffle
+
+  from mer_jax.data.builders import streaming
+
+  if importlib.util.find_spec("tensorflow") is not None:
+    pytest.skip("TensorFlow is installed: preparing without it cannot be checked here")
+  monkeypatch.setattr(streaming, "SHARD_BYTES", 1)
+  monkeypatch.setattr(tensorflow_datasets.core.shuffle, "MAX_MEM_BUFFER_SIZE", 0)

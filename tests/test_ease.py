@@ -2,6 +2,7 @@
 numpy from separate forwards, EMA anchors without gradients, calibration statistics,
 training lowering every loss term, and a `:tiny` run through `mer_jax.train.run`."""
 
+import dataclasses
 import importlib.util
 import math
 import os
@@ -16,13 +17,15 @@ import optax
 import pytest
 import scipy.stats
 from conftest import REPO
-from helpers import random_batch, tiny_spec
+from helpers import parse_flags, random_batch, tiny_spec
 
-from mer_jax import train
+from mer_jax import config_lib, train
 from mer_jax.data import synthetic
+from mer_jax.data.builders import mmsa
 from mer_jax.data.spec import MODALITIES, DataSpec
-from mer_jax.methods import ease
+from mer_jax.methods import ease, text_encoder
 from mer_jax.methods.base import StageContext
+from mer_jax.nn import bert
 
 WIDTH = 16
 LENGTH = 8  # synthetic MOSI cropped to 8 frames: real shapes per frame, fast steps
@@ -43,7 +46,8 @@ def tiny_config(**loss_overrides):
                      cons_weight=1.0, asym_weight=1.0, uada_tau_scale=0.5, uada_alpha=1.0,
                      uada_stop_uncertainty_grad=True, anchor_momentum=0.9)
   config.loss.update(loss_overrides)
-  config.missing = dict(kind="frame_lnln", probs=(1 / 7,) * 7, fill="zero")
+  config.missing = dict(kind="frame_lnln", probs=(1 / 7,) * 7, partial_view_subsets=True,
+                        fill="zero")
   config.train = dict(num_epochs=1)
   return config
 
@@ -74,7 +78,8 @@ def setup():
       jax.random.key(0))
   forward = jax.jit(lambda p, b: stage.model.apply({"params": p}, b, train=False))
   views = jax.jit(lambda key, batch, probs: ease.training_views(
-      key, batch, ml_collections.ConfigDict(dict(kind="frame_lnln", probs=probs))))
+      key, batch, ml_collections.ConfigDict(dict(kind="frame_lnln", probs=probs,
+                                                 partial_view_subsets=True))))
   tx = optax.adam(3e-3)
 
   @jax.jit
@@ -218,19 +223,54 @@ def test_training_views_full_and_partial_protocols(setup):
                             views["modality_mask"][2 * BATCH:])
 
 
-def test_partial_views_follow_lnln_half_intact_per_modality(setup):
+def test_lnln_only_preset_drops_frames_and_never_a_modality(setup):
+  """`config.missing.partial_view_subsets=False` (reachable from the command line): the
+  partial views are LNLN's frame masking alone."""
+  config = parse_flags(f"--config={os.path.join(REPO, 'configs', 'ease_mosi.py')}:synthetic",
+                       "--config.missing.partial_view_subsets=False")
+  assert config.missing.partial_view_subsets is False and config.missing.kind == "frame_lnln"
   batch = rows(setup)
-  assert all(batch[f"{name}_mask"].all() for name in MODALITIES)
-  views = setup["views"](jax.random.key(1), batch, jnp.eye(7)[6])  # all modalities kept
+  views = jax.jit(lambda key: ease.training_views(key, batch, config.missing))(
+      jax.random.key(1))
   np.testing.assert_array_equal(views["modality_mask"], True)
+  # The same frames as the default protocol with every subset drawn as LAV.
+  chex.assert_trees_all_equal(views, setup["views"](jax.random.key(1), batch, jnp.eye(7)[6]))
   for v in (1, 2):
     part = slice(v * BATCH, (v + 1) * BATCH)
     for name in MODALITIES:
-      mask = np.asarray(views[f"{name}_mask"][part])
-      # LNLN: r = 0 for exactly B // 2 samples per modality, r ~ U(0, 1) for the others
-      # (which keep every one of 8 frames with probability 1/9 on average).
-      assert BATCH // 2 <= mask.all(axis=1).sum() <= BATCH // 2 + 8
-      assert mask.mean() < 0.9
+      frames = np.asarray(views[name][part])
+      intact = (frames == batch[name]).all(axis=(1, 2))
+      # LNLN: exactly B // 2 samples per modality keep every frame (r = 0); the others
+      # lose frames at r ~ U(0, 1), replaced by zeros.
+      assert BATCH // 2 <= intact.sum() <= BATCH // 2 + 8
+      assert ((frames == 0).all(axis=-1) | (frames == batch[name]).all(axis=-1)).all()
+      assert (~intact).any()
+      # Dropped frames are replaced, not flagged: the masks still mark only padding.
+      np.testing.assert_array_equal(views[f"{name}_mask"][part], batch[f"{name}_mask"])
+
+
+def test_a_fine_tuned_bert_reads_the_three_views(setup):
+  """With token ids (the real configs' BERT branch) the views carry `text_dropped`: none in
+  the full view, the zeroed text positions in the partial ones; the wrapped loss traces."""
+  batch = rows(setup)
+  batch["text_ids"] = np.where(batch["text_mask"], 5, 0).astype(np.int32)
+  views = setup["views"](jax.random.key(2), batch, jnp.full(7, 1 / 7))
+  dropped = np.asarray(views["text_dropped"])
+  assert not dropped[:BATCH].any() and dropped[BATCH:].any()
+  text = np.asarray(views["text"])
+  present = np.asarray(views["modality_mask"])[:, 0]
+  np.testing.assert_array_equal(text[dropped & present[:, None]], 0.0)
+  encoder = bert.BertModel(bert.BertConfig(vocab_size=16, hidden_size=8, num_hidden_layers=1,
+                                           num_attention_heads=2, intermediate_size=16,
+                                           max_position_embeddings=LENGTH), use_pooler=False)
+  spec = dataclasses.replace(setup["spec"], dims=(8, *setup["spec"].dims[1:]))
+  (stage,) = ease.build(setup["config"], spec)
+  stage = text_encoder.with_text_encoder(stage, encoder, bert.SpecialTokens())
+  params = jax.eval_shape(lambda: stage.model.init({"params": jax.random.key(0)}, batch,
+                                                   train=False))["params"]
+  loss, (metrics, _) = jax.eval_shape(lambda p: stage.loss_fn(
+      p, stage.init_state(), batch, jax.random.key(0), StageContext()), params)
+  assert loss.shape == () and "loss_ucmi" in metrics
 
 
 def test_the_three_views_run_as_one_forward_of_3b_rows(setup):
@@ -464,6 +504,7 @@ def test_training_lowers_every_loss_term(setup):
     assert last < first, (term, first, last)
 
 
+@pytest.mark.slow
 def test_tiny_run_trains_and_evaluates_every_ease_scenario(tmp_path):
   config = load_config("ease_mosi.py", "tiny")
   config.train.num_epochs = 1  # one epoch is enough to exercise train -> evaluate
@@ -481,6 +522,71 @@ def test_tiny_run_trains_and_evaluates_every_ease_scenario(tmp_path):
                              np.mean([results[n]["acc7"] for n in incomplete]), rtol=1e-6)
   for path in ("eval/results.json", "eval/results.csv", "eval/robustness.png", "log.jsonl"):
     assert os.path.exists(tmp_path / path), path
+
+
+@pytest.mark.parametrize("name,file", [("ease_mosi.py", "unaligned_50.pkl"),
+                                       ("ease_mosei.py", "unaligned_50.pkl"),
+                                       ("ease_sims.py", "unaligned_39.pkl")])
+def test_real_configs_read_unaligned_pickles_and_fine_tune_bert(name, file):
+  path = os.path.join(REPO, "configs", name)
+  real = parse_flags(f"--config={path}")
+  assert (real.data.source, real.data.file) == ("mmsa", file)
+  assert real.model.text_encoder == "bert" and real.model.text_encoder_path == ""
+  assert real.missing.partial_view_subsets is True
+  for variant in ("synthetic", "tiny"):  # no download, no BERT
+    small = parse_flags(f"--config={path}:{variant}")
+    assert (small.data.source, small.model.text_encoder) == ("synthetic", "features")
+    config_lib.validate_config(small)
+
+
+def test_real_mosi_network_has_the_parameter_count_of_table_5():
+  """EASE on MOSI with BERT-base fine-tuned: 116.5M parameters in Table 5 (shapes only)."""
+  config = parse_flags(f"--config={os.path.join(REPO, 'configs', 'ease_mosi.py')}")
+  lengths, dims = (50, 375, 500), (768, 5, 20)  # unaligned_50.pkl (A.4)
+  (stage,) = ease.build(config, DataSpec("mosi", "regression", 1, dims, lengths, (-3.0, 3.0)))
+  stage = text_encoder.with_text_encoder(
+      stage, bert.BertModel(bert.BertConfig(), use_pooler=False), bert.SpecialTokens())
+  batch = {name: np.zeros((2, length, dim), np.float32)
+           for name, length, dim in zip(MODALITIES, lengths, dims, strict=True)}
+  batch.update({f"{name}_mask": np.ones((2, length), bool)
+                for name, length in zip(MODALITIES, lengths, strict=True)})
+  batch["text_ids"] = np.ones((2, lengths[0]), np.int32)
+  params = jax.eval_shape(lambda: stage.model.init({"params": jax.random.key(0)}, batch,
+                                                   train=False))["params"]
+  total = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
+  assert abs(total - 116.5e6) < 0.01 * 116.5e6, total
+
+
+def test_a_real_config_without_a_bert_folder_stops_before_reading_data(tmp_path):
+  path = os.path.join(REPO, "configs", "ease_mosei.py")
+  data_dir = f"--config.data.dir={tmp_path / 'no_such_folder'}"
+  with pytest.raises(ValueError) as error:
+    train.run(parse_flags(f"--config={path}", data_dir), str(tmp_path / "run"))
+  message = str(error.value)
+  assert "\n" not in message and message.startswith("config.model.text_encoder_path=''")
+  for part in ("--config.model.text_encoder_path=", "config.json", "model.safetensors",
+               "--config.model.text_encoder=features"):
+    assert part in message, part
+  # The frozen-feature alternative passes every check that needs no data.
+  config_lib.validate_config(parse_flags(f"--config={path}", data_dir,
+                                         "--config.model.text_encoder=features"))
+
+
+def test_mmsa_folder_with_both_pickles_reads_the_file_the_config_names(tmp_path):
+  for file in ("aligned_50.pkl", "unaligned_50.pkl"):
+    (tmp_path / file).write_bytes(file.encode())
+  real = parse_flags(f"--config={os.path.join(REPO, 'configs', 'ease_mosi.py')}",
+                     f"--config.data.dir={tmp_path}")
+  assert mmsa.make_config(real.data).source_path == str(tmp_path / "unaligned_50.pkl")
+  default = parse_flags(f"--config={os.path.join(REPO, 'configs', 'ease_mosi.py')}",
+                        f"--config.data.dir={tmp_path}", "--config.data.file=")
+  assert mmsa.make_config(default.data).source_path == str(tmp_path / "aligned_50.pkl")
+  # A pickle named as config.data.dir must be the one config.data.file names.
+  other = parse_flags(f"--config={os.path.join(REPO, 'configs', 'ease_mosi.py')}",
+                      f"--config.data.dir={tmp_path / 'aligned_50.pkl'}")
+  with pytest.raises(ValueError, match=r"config\.data\.file='unaligned_50\.pkl'.*"
+                                       r"--config\.data\.file='aligned_50\.pkl'"):
+    mmsa.make_config(other.data)
 
 
 def test_configs_load_with_the_paper_hyper_parameters():

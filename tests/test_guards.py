@@ -3,8 +3,6 @@ the terms and the last good checkpoint; "skip" skips and counts), config and wor
 validation before anything compiles, and prediction inputs (errors name the key; bad
 samples get an `error` field, the others their prediction)."""
 
-import importlib.util
-import json
 import os
 import signal
 
@@ -12,21 +10,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO
-from helpers import Toy, random_batch, tiny_spec
+from helpers import Toy, load_config, random_batch, read_log, tiny_spec, toy_train_config
 
 from mer_jax import config_lib, parallel, predict, train, trainer
 from mer_jax.data.pipeline import Batcher
 from mer_jax.methods import SUPPORTED_TASKS
 from mer_jax.methods.base import Stage
-
-
-def load_config(name="dqf_mosei.py", arg="tiny"):
-  spec = importlib.util.spec_from_file_location("cfg", os.path.join(REPO, "configs", name))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
 
 POISON_ROW = 5  # the training sample whose loss term goes NaN from the second epoch on
 
@@ -49,16 +38,7 @@ SPEC = tiny_spec("regression")
 
 
 def toy_config(on_nonfinite, log_every_steps):
-  config = config_lib.base_config()
-  config.method = "toy"
-  config.train.batch_size = 8
-  config.train.num_epochs = 3
-  config.train.learning_rate = 1e-2
-  config.train.log_every_steps = log_every_steps
-  config.train.progress = False
-  config.train.on_nonfinite = on_nonfinite
-  config.eval.batch_size = 16
-  return config
+  return toy_train_config(on_nonfinite=on_nonfinite, log_every_steps=log_every_steps)
 
 
 def toy_splits():
@@ -66,9 +46,6 @@ def toy_splits():
   return {"train": train_split, "valid": random_batch(SPEC, 16, seed=1)}
 
 
-def read_log(workdir):
-  with open(os.path.join(workdir, "log.jsonl")) as f:
-    return [json.loads(line) for line in f]
 
 
 def test_nonfinite_is_stop_by_default():
@@ -238,10 +215,11 @@ def test_shipped_configs_pass_validation(repo_root):
     if name.endswith(".py"):
       for variant in ("", "tiny"):
         config = load_config(name, variant)
-        if config.model.get("text_encoder") == "bert":
-          # The papers' BERT runs need the reader's folder: without it, the one-line
-          # error; with frozen features they validate.
-          with pytest.raises(ValueError, match="config.model.text_encoder_path"):
+        if config.model.text_encoder == "bert" and not config.model.text_encoder_path:
+          # A real config that fine-tunes BERT needs the reader's BERT folder: without it,
+          # the one-line stop; with the frozen-feature alternative it names, it passes.
+          with pytest.raises(ValueError, match=r"^config\.model\.text_encoder_path='': .*"
+                                               r"--config\.model\.text_encoder=features"):
             config_lib.validate_config(config)
           config.model.text_encoder = "features"
         config_lib.validate_config(config)

@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import matplotlib
 import numpy as np
 import pytest
-from helpers import Toy, random_batch, tiny_spec
+from helpers import Toy, random_batch, tiny_spec, toy_train_config
 
-from mer_jax import config_lib, parallel, run_log, trainer
+from mer_jax import parallel, run_log, trainer
 from mer_jax.methods.base import Stage
 
 matplotlib.use("Agg")
@@ -34,15 +34,7 @@ def scalars(accumulator, tag):
 
 
 def toy_config():
-  config = config_lib.base_config()
-  config.method = "toy"
-  config.train.batch_size = 8
-  config.train.num_epochs = 2
-  config.train.learning_rate = 1e-2
-  config.train.log_every_steps = 2
-  config.train.progress = False
-  config.eval.batch_size = 16
-  return config
+  return toy_train_config(num_epochs=2)
 
 
 def toy_stage(name="teacher"):

@@ -10,9 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import Toy, random_batch, tiny_spec
+from helpers import Toy, random_batch, tiny_spec, toy_train_config
 
-from mer_jax import config_lib, parallel, trainer
+from mer_jax import parallel, trainer
 from mer_jax.methods.base import Stage, StageContext
 
 SPEC = tiny_spec("regression")
@@ -41,15 +41,8 @@ def toy_stage(name="", *, student=False, poison=False):
 
 
 def toy_config(seed=0):
-  config = config_lib.base_config()
-  config.method = "toy"
+  config = toy_train_config()
   config.seed = seed
-  config.train.batch_size = 8
-  config.train.num_epochs = 3
-  config.train.learning_rate = 1e-2
-  config.train.log_every_steps = 2
-  config.train.progress = False
-  config.eval.batch_size = 16
   return config
 
 

@@ -1,20 +1,24 @@
 """Real data sources: fixture files written in each community format (MMSA and MulT
 pickles, MERBench label npz + per-utterance .npy, MMIN h5 + fold targets, bring-your-own
 npz), built through the TFDS builders and checked against numpy; every kind of bad input
-fails with a message naming the file and key; source changes re-prepare; cross-dataset
-width adaptation; fold counts. Training on each format: tests/test_sources_e2e.py."""
+fails with a message naming the file and key; source changes re-prepare; every format
+through the large-split path (many shards, no TensorFlow); cross-dataset width
+adaptation; fold counts. Training on each format: tests/test_sources_e2e.py."""
 
 import glob
 import importlib.util
 import logging
 import os
 import pickle
+import sys
 
 import chex
 import ml_collections
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from conftest import REPO
+from helpers import force_streamed_shards
 
 from mer_jax.data import sources, validation
 from mer_jax.data.builders import files, mmsa
@@ -525,6 +529,53 @@ def test_changed_source_file_is_prepared_again_and_prepared_data_skip_the_source
   changed, _ = sources.load(config)
   np.testing.assert_array_equal(changed["train"]["label"], second["train"]["regression_labels"])
   assert len(os.listdir(tmp_path / "tfds" / "mmsa")) == 2  # one prepared copy per version
+
+
+def large_path_case(kind, tmp_path):
+  """A small dataset of `kind` in its community format, and its config.data."""
+  src = tmp_path / kind
+  if kind == "mmsa":
+    write_mmsa(src)
+    return data_config(tmp_path, "mmsa", "mosi", "regression", src)
+  if kind == "mult":
+    write_mult(src)
+    return data_config(tmp_path, "mult", "iemocap", "multilabel_binary", src)
+  if kind == "merbench":
+    write_merbench(src, empty_face="tes_dia1_utt1")
+    return data_config(tmp_path, "merbench", "meld", "classification", src,
+                       features=MERBENCH_FEATURES)
+  if kind == "mmin":
+    write_mmin(src)
+    return data_config(tmp_path, "mmin", "iemocap", "classification", src)
+  write_npz(src, task="classification", modalities=("text", "vision"))
+  return data_config(tmp_path, "npz", "mine", "classification", src)
+
+
+@pytest.mark.parametrize("kind", sorted(sources.BUILDERS))
+def test_large_split_path_equals_the_in_memory_arrays(kind, tmp_path, monkeypatch):
+  force_streamed_shards(monkeypatch)
+  config = large_path_case(kind, tmp_path)
+  before = snapshot(tmp_path / kind)
+  builder_config = sources.builder_config(config)
+  module = importlib.import_module(f"mer_jax.data.builders.{sources.BUILDERS[kind][0]}")
+  expected, expected_spec = module.read(builder_config)  # what the builder streams out
+  builder_cls = sources.builder_class(kind)
+  got, spec = files.load(builder_cls, builder_config, data_dir=str(tmp_path / "tfds"))
+  assert snapshot(tmp_path / kind) == before, "the user's folder must not be written"
+  assert spec == expected_spec
+  prepared = tfds.builder_from_directory(
+      files.prepared_dir(builder_cls, builder_config, str(tmp_path / "tfds")))
+  for split, arrays in expected.items():
+    num = len(arrays["label"])
+    assert prepared.info.splits[split].shard_lengths == [1] * num  # one example per shard
+    assert set(got[split]) == set(arrays)
+    for key, value in arrays.items():
+      if value.dtype.kind in "USO":
+        np.testing.assert_array_equal(got[split][key], value.astype(str), err_msg=key)
+      else:
+        assert got[split][key].dtype == value.dtype, key
+        np.testing.assert_array_equal(got[split][key], value, err_msg=key)
+  assert "tensorflow" not in sys.modules
 
 
 # ----------------------------------------------------------------------------- bad inputs

@@ -1,5 +1,5 @@
 """Synthetic presets: layout, determinism, label distributions, the L > A > V hierarchy,
-and the TFDS (array_record, no TensorFlow) round trip."""
+and the TFDS (array_record, no TensorFlow) round trip, also through many shards."""
 
 import math
 import os
@@ -8,11 +8,14 @@ import sys
 import chex
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
+from array_record.python.array_record_data_source import ArrayRecordDataSource
+from helpers import force_streamed_shards
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.preprocessing import StandardScaler
 
 from mer_jax.data import synthetic
-from mer_jax.data.builders import common
+from mer_jax.data.builders import common, streaming
 from mer_jax.data.builders.synthetic import SyntheticMer, config_name, make_config
 from mer_jax.data.spec import MODALITIES
 
@@ -233,6 +236,61 @@ def test_tfds_round_trip_regression(tmp_path):
   assert spec.task == "regression"
   for split, count in sizes.items():
     assert_splits_equal(splits[split], synthetic.generate("sims", split, num_samples=count))
+
+
+def test_large_split_path_streams_shards_equal_to_generate(tmp_path, monkeypatch):
+  force_streamed_shards(monkeypatch)
+  sizes = {"train": 13, "valid": 3, "test": 4}
+  splits, _ = common.load_synthetic("mosi", data_dir=str(tmp_path), seed=2, sizes=sizes)
+  assert "tensorflow" not in sys.modules
+  builder = tfds.builder_from_directory(
+      str(tmp_path / "synthetic_mer" / "mosi_s2_n13-3-4" / synthetic.GENERATOR_VERSION))
+  for split, count in sizes.items():
+    assert builder.info.splits[split].shard_lengths == [1] * count  # one example per shard
+    assert_splits_equal(splits[split], synthetic.generate("mosi", split, seed=2,
+                                                          num_samples=count))
+
+
+def records(builder, split):
+  """The serialized examples of a prepared split, in stored order."""
+  return list(ArrayRecordDataSource([os.fspath(p) for p in
+                                     builder.info.splits[split].filepaths]))
+
+
+def test_streamed_shards_hold_the_records_tfds_writes(tmp_path, monkeypatch):
+  config = make_config("iemocap", seed=3, sizes={"train": 7, "valid": 2, "test": 3})
+  # TFDS's own writer (its in-memory shuffler is enough at this size) ...
+  monkeypatch.setattr(SyntheticMer, "_download_and_prepare",
+                      tfds.core.GeneratorBasedBuilder._download_and_prepare)
+  stock = SyntheticMer(config=config, data_dir=str(tmp_path / "stock"),
+                       file_format="array_record")
+  common.prepare(stock)
+  monkeypatch.undo()
+  # ... and the streamed shards, three examples per shard: the same records, in order.
+  example_bytes = len(records(stock, "valid")[0])
+  monkeypatch.setattr(streaming, "SHARD_BYTES", 3 * example_bytes - 1)
+  streamed = SyntheticMer(config=config, data_dir=str(tmp_path / "streamed"),
+                          file_format="array_record")
+  common.prepare(streamed)
+  for split, count in config.sizes.items():
+    assert stock.info.splits[split].num_shards == 1
+    lengths = [3] * (count // 3) + [count % 3] * bool(count % 3)
+    assert streamed.info.splits[split].shard_lengths == lengths
+    assert records(streamed, split) == records(stock, split)
+    assert streamed.info.splits[split].num_bytes == stock.info.splits[split].num_bytes
+
+
+def test_streaming_writer_needs_increasing_keys(tmp_path):
+  builder = SyntheticMer(config=make_config("mosi", sizes={"train": 2, "valid": 1, "test": 1}),
+                         data_dir=str(tmp_path), file_format="array_record")
+  template = tfds.core.ShardedFileTemplate(data_dir=tmp_path, dataset_name="x", split="train",
+                                           filetype_suffix="array_record")
+  examples = list(builder._generate_examples("train"))
+  with pytest.raises(ValueError, match="keys must be increasing"):
+    streaming.write_split("train", examples[::-1], features=builder.info.features,
+                          template=template)
+  with pytest.raises(ValueError, match="has no examples"):
+    streaming.write_split("train", [], features=builder.info.features, template=template)
 
 
 def test_default_data_dir(monkeypatch):

@@ -1,6 +1,8 @@
 r"""EASE on MOSEI: the three loss weights of Eq. 13 over the values of its sensitivity study.
 
     python -m mer_jax.sweep --config configs/ease_mosei.py --space configs/sweeps/ease_mosei.py \
+        --config.data.dir=/data/MOSEI/Processed \
+        --config.model.text_encoder_path=/models/bert-base-uncased \
         --trials 60 --sampler tpe --workdir runs/sweep_ease_mosei
 
 EASE (Fig. 7) varies each of lambda_1 (UCMI), lambda_2 (UCSA alignment) and lambda_3

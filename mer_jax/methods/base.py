@@ -135,11 +135,14 @@ def cast_features(batch, dtype):
 def _float32_top_level_outputs(next_fun, args, kwargs, context):
   # A network's outputs leave it in float32, so every loss and metric reduces in float32
   # while the layers inside compute in the stage's dtype. A top-level module's parent is
-  # its flax Scope, a submodule's is another Module; the body of a lifted transform
-  # (nn.scan, nn.vmap) has a Scope parent too, but a non-empty scope path.
+  # its flax Scope, a submodule's is another Module; the layer inside a lifted transform
+  # (nn.scan, nn.vmap) also has a Scope for parent, but a non-empty path (and the lifted
+  # wrapper itself calls a lambda), and must keep its dtype: a scan carry may not change
+  # dtype from one layer to the next.
   outputs = next_fun(*args, **kwargs)
   module = context.module
-  if not isinstance(module.parent, nn.Module) and not module.scope.path:
+  if (context.method_name == "__call__" and not isinstance(module.parent, nn.Module)
+      and not module.scope.path):
     outputs = cast_floating(outputs, jnp.float32)
   return outputs
 

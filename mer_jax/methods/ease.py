@@ -20,6 +20,10 @@ Training (one batched forward of three views of the batch, concatenated along th
   view 1, view 2 : LNLN frame-level masking (`config.missing.kind = "frame_lnln"`, drawn
           independently per view), then a modality subset per sample drawn from
           `config.missing.probs` over the 7 combinations (independently per view).
+          LNLN masking drops frames, never whole modalities, so without the subsets
+          nothing is ever completed and UCMI, L_uada's completions and L_anchor do not
+          train; `config.missing.partial_view_subsets = False` is that LNLN-only
+          protocol, for comparison.
 Losses (Eq. 13):
   L = L_task + l1 L_ucmi + l2 (w_uada L_uada + b1 L_anchor) + l3 (w_cons L_cons + w_asym L_asym)
   L_task   : task loss averaged over the three views.
@@ -168,13 +172,14 @@ def training_views(key, batch, missing_config):
 
   Rows [0, B) are the clean batch with every modality present; rows [B, 2B) and [2B, 3B)
   are partial views, each with its own LNLN frame masking (the `config.missing` protocol,
-  "frame_lnln") and its own per-sample modality subset drawn from `missing_config.probs`
-  (7 weights over L, A, V, LA, LV, AV, LAV).
+  "frame_lnln") and, with `missing_config.partial_view_subsets`, its own per-sample
+  modality subset drawn from `missing_config.probs` (7 weights over L, A, V, LA, LV, AV,
+  LAV).
 
   Args:
     key: jax.random key.
     batch: dict of (B, ...) arrays in the batch layout.
-    missing_config: `config.missing` (kind, probs, fill, ...).
+    missing_config: `config.missing` (kind, probs, partial_view_subsets, fill, ...).
 
   Returns:
     dict of (3B, ...) arrays with `modality_mask` (3B, 3) set.
@@ -182,12 +187,16 @@ def training_views(key, batch, missing_config):
   batch_size = batch[MODALITIES[0]].shape[0]
   full = missing.apply_modality_mask(
       batch, missing.fixed_modality_mask(batch_size, missing.FULL_COMBINATION))
+  if "text_ids" in batch:  # frame masking records dropped tokens; the full view drops none
+    full[missing.DROPPED_TEXT] = jnp.zeros(jnp.shape(batch["text_ids"]), bool)
   views = [full]
   for view_key in jax.random.split(key, NUM_VIEWS - 1):
     frame_key, subset_key = jax.random.split(view_key)
     view, _ = missing.apply_training_protocol(frame_key, batch, missing_config)
-    subset, _ = missing.training_drop_mask(subset_key, batch_size, missing_config.probs)
-    views.append(missing.apply_modality_mask(view, subset))
+    if missing_config.partial_view_subsets:
+      subset, _ = missing.training_drop_mask(subset_key, batch_size, missing_config.probs)
+      view = missing.apply_modality_mask(view, subset)
+    views.append(view)
   return jax.tree.map(lambda *parts: jnp.concatenate(parts, axis=0), *views)
 
 
@@ -427,17 +436,23 @@ def configure(config, variant: str):
   `configs/ease_<dataset>.py`; the config files set only the data fields."""
   config.method = "ease"
   # Model. The paper's backbone is a transformer per modality (Sec. 3.2) without sizes;
-  # these fit precomputed features (BERT 768 / COVAREP / Facet) at LNLN's scale.
-  config.model.width = 128
+  # width 256 with the usual 4x feed-forward gives, with BERT-base, 115.9M parameters on
+  # MOSI against the 116.5M of Table 5 (BERT alone is 108.9M).
+  config.model.width = 256
   config.model.num_layers = 2
   config.model.num_heads = 4
-  config.model.mlp_dim = 256
+  config.model.mlp_dim = 1024
   config.model.dropout = 0.1
   config.model.kernel_sizes = (3, 1, 1)  # Conv1D per modality (L, A, V), SPEC section 7
-  config.model.ucmi_hidden = 128  # hidden layer of the UCMI heads F_mu / F_sigma
+  config.model.ucmi_hidden = 256  # hidden layer of the UCMI heads F_mu / F_sigma
   config.model.fusion_layers = 1  # transformer layers over the three completed features
   config.model.head_hidden = 64
   config.model.use_ucmi = True  # False: "w/o UCMI" (no completion, no L_ucmi/L_align)
+  # Text (A.4, Table 5): BERT-base fine-tuned on the MMSA token ids (its 110M parameters
+  # are most of EASE's 116M), masked as LNLN ([UNK] for dropped tokens). The real
+  # variant needs --config.model.text_encoder_path (checked before any data are read);
+  # --config.model.text_encoder=features trains on the files' frozen BERT features.
+  config.model.text_encoder = "bert" if not variant else "features"
 
   # Losses (Eq. 13, A.3): L = task + l1 L_ucmi + l2 (L_uada + b1 L_anchor) + l3 L_consist.
   # The *_weight switches give the Table 4 loss ablations (0 removes a term).
@@ -468,8 +483,11 @@ def configure(config, variant: str):
   # Training protocol: LNLN frame-level missing (per sample and modality r ~ U(0, 1), r = 0
   # for a random half) in both partial views, each also keeping a per-sample modality
   # subset drawn uniformly from the 7 combinations; the full view is the clean batch.
+  # The subsets are ours: LNLN's protocol drops frames, never a whole modality, so UCMI
+  # would have nothing to complete. False = LNLN's protocol alone (for comparison).
   config.missing.kind = "frame_lnln"
   config.missing.probs = (1 / 7,) * 7
+  config.missing.partial_view_subsets = True
 
   # Model selection: EASE tunes on the validation split (A.3) with LNLN's code, which
   # validates under frame-level missing: every modality at r = 0.5 here.

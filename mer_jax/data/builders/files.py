@@ -29,6 +29,7 @@ import tensorflow_datasets as tfds
 
 from mer_jax.data import validation
 from mer_jax.data.builders import common
+from mer_jax.data.builders.streaming import ArrayRecordBuilder
 from mer_jax.data.spec import MODALITIES, DataSpec
 
 SPLITS = ("train", "valid", "test")
@@ -126,7 +127,7 @@ def features_of(arrays: Mapping[str, np.ndarray]) -> tfds.features.FeaturesDict:
   return tfds.features.FeaturesDict(features)
 
 
-class FileSourceBuilder(tfds.core.GeneratorBasedBuilder):
+class FileSourceBuilder(ArrayRecordBuilder):
   """A dataset read from the user's files; subclasses implement `read_source`.
 
   Subclasses set `MANUAL_DOWNLOAD_INSTRUCTIONS` (where each file goes and where the

@@ -54,8 +54,9 @@ MMSA features (read-only; nothing is written into this folder).
     MOSI   (config.data.name=mosi):  aligned_50.pkl   (or unaligned_50.pkl)
     MOSEI  (config.data.name=mosei): aligned_50.pkl   (or unaligned_50.pkl)
     SIMS   (config.data.name=sims):  unaligned_39.pkl
-  A folder with both MOSI/MOSEI files reads aligned_50.pkl; pass the file itself as
-  config.data.dir to choose unaligned_50.pkl.
+  A folder with both MOSI/MOSEI files reads aligned_50.pkl unless config.data.file names
+  the other (the EASE configs read unaligned_50.pkl); or pass the file itself as
+  config.data.dir.
 
 Where to get them: the MMSA toolkit (github.com/thuiar/MMSA, "Datasets") links the
 processed features on Baidu Netdisk and Google Drive (folders MOSI/Processed,
@@ -65,17 +66,21 @@ files are Python pickles: load only files from a source you trust.
 
 
 def resolve_path(source_path: str, dataset: str, default_files: dict[str, str | tuple],
-                 instructions: str) -> str:
-  """`config.data.dir` as the data file: the path itself if it is a file, else the first
-  of the dataset's default files that the folder holds. A missing file repeats the
-  instructions."""
+                 instructions: str, file_name: str = "") -> str:
+  """`config.data.dir` as the data file: the path itself if it is a file, else
+  `file_name` (`config.data.file`) in that folder, else the first of the dataset's
+  default files that the folder holds. A missing file repeats the instructions."""
   if not source_path:
     raise FileNotFoundError(f"config.data.dir is empty: it must name the folder with the "
                             f"{dataset} files.\n\n{instructions}")
   if os.path.isfile(source_path):
+    if file_name and os.path.basename(source_path) != file_name:
+      raise ValueError(f"config.data.dir={source_path!r} is a file but config.data.file="
+                       f"{file_name!r}: pass the folder, or --config.data.file="
+                       f"{os.path.basename(source_path)!r} to read this file")
     return source_path
   names = default_files[dataset]
-  names = (names,) if isinstance(names, str) else tuple(names)
+  names = (file_name,) if file_name else (names,) if isinstance(names, str) else tuple(names)
   for name in names:
     if os.path.isfile(os.path.join(source_path, name)):
       return os.path.join(source_path, name)
@@ -201,9 +206,11 @@ def read(config: files.FileSourceConfig) -> tuple[dict[str, dict[str, np.ndarray
   path = resolve_path(config.source_path, config.dataset, DEFAULT_FILES,
                       MANUAL_DOWNLOAD_INSTRUCTIONS)
   parts = split_parts(read_pickle(path), path, SPLIT_KEYS)
-  splits = {split: read_split(part, split_name=split, source=f"{path}[{SPLIT_KEYS[split]!r}]",
-                              dataset=config.dataset, task=config.task)
-            for split, part in parts.items()}
+  # Each raw split is dropped once converted, so the pickle is never held twice.
+  splits = {split: read_split(parts.pop(split), split_name=split,
+                              source=f"{path}[{SPLIT_KEYS[split]!r}]", dataset=config.dataset,
+                              task=config.task)
+            for split in list(parts)}
   if len({"unimodal_labels" in split for split in splits.values()}) > 1:
     log.warning("%s: unimodal labels (%s) are not in every split; not kept", path,
                 ", ".join(UNIMODAL_KEYS))
@@ -251,7 +258,8 @@ def make_config(data_config) -> files.FileSourceConfig:
     raise ValueError(f"config.data.task={data_config.task!r}: MMSA data have regression "
                      f"(sentiment) or classification (negative/neutral/positive) labels")
   files.check_single_fold(data_config, "mmsa")
-  path = resolve_path(data_config.dir, dataset, DEFAULT_FILES, MANUAL_DOWNLOAD_INSTRUCTIONS)
+  path = resolve_path(data_config.dir, dataset, DEFAULT_FILES, MANUAL_DOWNLOAD_INSTRUCTIONS,
+                      file_name=files.option(data_config, "file", ""))
   # The reader's layout version joins the file fingerprint, so that copies prepared by an
   # older reader (without text_ids) are prepared again.
   return files.make_config(dataset=dataset, source_path=path, task=data_config.task,

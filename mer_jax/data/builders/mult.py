@@ -73,9 +73,11 @@ def read(config: files.FileSourceConfig) -> tuple[dict[str, dict[str, np.ndarray
   path = mmsa.resolve_path(config.source_path, config.dataset, DEFAULT_FILES,
                       MANUAL_DOWNLOAD_INSTRUCTIONS)
   parts = mmsa.split_parts(mmsa.read_pickle(path), path, SPLIT_KEYS)
-  splits = {split: read_split(part, split_name=split, source=f"{path}[{SPLIT_KEYS[split]!r}]",
-                              dataset=config.dataset, task=config.task)
-            for split, part in parts.items()}
+  # Each raw split is dropped once converted, so the pickle is never held twice.
+  splits = {split: read_split(parts.pop(split), split_name=split,
+                              source=f"{path}[{SPLIT_KEYS[split]!r}]", dataset=config.dataset,
+                              task=config.task)
+            for split in list(parts)}
   splits, dims, lengths = files.pad_splits(splits, source=path)
   if config.task == "regression":
     spec = DataSpec(name=config.dataset, task="regression", num_classes=1, dims=dims,

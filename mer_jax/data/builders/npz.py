@@ -127,10 +127,12 @@ def read(config: files.FileSourceConfig) -> tuple[dict[str, dict[str, np.ndarray
                                  f"(low, high) with low < high")
     label_range = (float(bounds[0]), float(bounds[1]))
   task = config.task
-  splits = {split: read_split(arrays, path=paths[split], split_name=split, keys=keys, task=task,
-                              num_classes=len(class_names) or None,
+  del train
+  # Each file's arrays are dropped once converted, so the files are never held twice.
+  splits = {split: read_split(raw.pop(split), path=paths[split], split_name=split, keys=keys,
+                              task=task, num_classes=len(class_names) or None,
                               label_range=label_range if task == "regression" else None)
-            for split, arrays in raw.items()}
+            for split in list(raw)}
   splits, dims, lengths = files.pad_splits(splits, source=config.source_path)
   labels = np.concatenate([s["label"] for s in splits.values()])
   if task == "regression":

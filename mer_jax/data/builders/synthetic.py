@@ -6,9 +6,10 @@
                                  download_config=NO_NETWORK_DOWNLOAD_CONFIG)
     train = builder.as_data_source()["train"]
 
-No TensorFlow is needed: array_record files are written by TFDS's own writer and read
-through `as_data_source()`. Examples keep the generation order (`disable_shuffling`), so a
-prepared split equals `synthetic.generate(...)` row for row. Labels are stored as
+No TensorFlow is needed: the generated chunks are streamed into array_record shards
+(`streaming.ArrayRecordBuilder`, any split size in bounded memory) and read through
+`as_data_source()`. Examples keep the generation order, so a prepared split equals
+`synthetic.generate(...)` row for row. Labels are stored as
 generated (float sentiment or class id); `common.load_synthetic` turns class ids into
 MulT-style binaries when the task asks for them.
 """
@@ -21,6 +22,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from mer_jax.data import synthetic
+from mer_jax.data.builders.streaming import ArrayRecordBuilder
 from mer_jax.data.spec import MODALITIES
 
 # Nothing to download, and no GCS look-up: preparing must work on a machine offline.
@@ -74,7 +76,7 @@ def make_config(preset: str, *, seed: int = 0,
       num_test=full_sizes["test"])
 
 
-class SyntheticMer(tfds.core.GeneratorBasedBuilder):
+class SyntheticMer(ArrayRecordBuilder):
   """Synthetic multimodal emotion/sentiment data with the shapes of the real benchmarks."""
 
   VERSION = tfds.core.Version(synthetic.GENERATOR_VERSION)
