@@ -14,15 +14,10 @@ import pytest
 import scipy.special
 from helpers import random_batch, tiny_spec
 
-from mer_jax.nn.attention import (
-    MultiHeadAttention,
-    TransformerEncoder,
-    attention_mask,
-    stack_params,
-    unstack_params,
-)
+from mer_jax.nn.attention import MultiHeadAttention, TransformerEncoder, attention_mask
 from mer_jax.nn.fusion import PerceiverFusion
 from mer_jax.nn.perceiver import Perceiver
+from mer_jax.nn.stack import stack_unrolled_params
 
 PERCEIVER = dict(num_latents=3, depth=2, cross_heads=1, latent_heads=2, mlp_dim=16, dropout=0.0)
 
@@ -81,11 +76,9 @@ def test_output_shape_and_normalisation(perceiver):
 def test_shared_weights_use_one_set_of_blocks():
   x, mask = sequence(batch_size=1, length=3, real=(3,))
   params = jax.eval_shape(lambda: init(Perceiver(**PERCEIVER, share_weights=True), x, mask))
-  # No depth axis: the one set of layer weights is broadcast over the scanned layers.
-  chex.assert_shape(params["layers"]["cross"]["attn"]["query"]["kernel"], (8, 1, 8))
-  unrolled = jax.eval_shape(lambda: init(Perceiver(**PERCEIVER, share_weights=True, scan=False),
-                                         x, mask))
-  assert sorted(unrolled) == ["latents", "layer0", "norm_out"]
+  # No depth axis: the one set of layer weights is applied by every layer.
+  assert sorted(params) == ["latents", "layers_0", "norm_out"]
+  chex.assert_shape(params["layers_0"]["cross"]["attn"]["query"]["kernel"], (8, 1, 8))
 
 
 def test_values_at_padded_frames_never_change_the_output(perceiver):
@@ -344,10 +337,11 @@ def test_attention_inner_width_matches_numpy():
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
-def _unrolled(params, name, depth):
-  """Scanned params (`name` with a leading layer axis) -> the unrolled `layer{i}` form."""
+def _unrolled(params, depth, name="layers", axis=0):
+  """Scanned params (`name` with the layer axis at `axis`) -> the unrolled `name_{i}`."""
   out = {k: v for k, v in params.items() if k != name}
-  out.update({f"layer{i}": p for i, p in enumerate(unstack_params(params[name], depth))})
+  for i in range(depth):
+    out[f"{name}_{i}"] = jax.tree.map(lambda a, i=i: jnp.take(a, i, axis=axis), params[name])
   return out
 
 
@@ -357,13 +351,12 @@ def test_scanned_transformer_encoder_equals_the_unrolled_one(norm):
   scanned = TransformerEncoder(3, 2, 16, norm=norm, activation="relu", head_dim=3)
   params = init(scanned, x, mask)
   chex.assert_shape(params["layers"]["attn"]["query"]["kernel"], (3, 8, 2, 3))
-  unrolled = _unrolled(params, "layers", 3)
+  unrolled = _unrolled(params, 3)
   apply = lambda m, p: m.apply({"params": p}, x, mask, train=False)
   chex.assert_trees_all_close(jax.jit(functools.partial(apply, scanned))(params),
                               jax.jit(functools.partial(apply, scanned.clone(scan=False)))(
                                   unrolled), atol=1e-5)
-  chex.assert_trees_all_close(stack_params([unrolled[f"layer{i}"] for i in range(3)]),
-                              params["layers"])
+  chex.assert_trees_all_close(stack_unrolled_params(unrolled, 3), params)
   if norm == "post":  # with remat: the same values and gradients
     loss = lambda m: jax.jit(jax.value_and_grad(lambda p: jnp.sum(apply(m, p) ** 2)))(params)
     chex.assert_trees_all_close(loss(scanned), loss(scanned.clone(remat=True)), atol=1e-5)
@@ -376,15 +369,12 @@ def test_scanned_perceiver_and_backbone_equal_the_unrolled_ones(official):
   apply = lambda m, p: m.apply({"params": p}, x, mask, train=False)
   chex.assert_trees_all_close(
       jax.jit(functools.partial(apply, scanned))(params),
-      jax.jit(functools.partial(apply, scanned.clone(scan=False)))(
-          _unrolled(params, "layers", 2)), atol=1e-5)
+      jax.jit(functools.partial(apply, scanned.clone(scan=False)))(_unrolled(params, 2)),
+      atol=1e-5)
   module, params, batch = official
-  unrolled = dict(params, fusion=_unrolled(params["fusion"], "layers", 2))
   # the vmapped Perceivers' depth axis is axis 1, under the modality axis
-  unrolled["perceivers"] = {k: v for k, v in params["perceivers"].items() if k != "layers"}
-  for i in range(2):
-    unrolled["perceivers"][f"layer{i}"] = jax.tree.map(lambda a, i=i: a[:, i],
-                                                       params["perceivers"]["layers"])
+  unrolled = dict(params, fusion=_unrolled(params["fusion"], 2),
+                  perceivers=_unrolled(params["perceivers"], 2, axis=1))
   apply = lambda m, p: m.apply({"params": p}, batch, train=False)
   chex.assert_trees_all_close(
       jax.jit(functools.partial(apply, module))(params),

@@ -1,6 +1,6 @@
 """Attention building blocks shared by every method: one multi-head attention module,
-transformer layers (pre- or post-norm), cross-attention, feed-forward, the layer stack
-under `nn.scan`, and the per-modality Conv1D projection.
+transformer layers (pre- or post-norm) and their stack, cross-attention, feed-forward,
+and the per-modality Conv1D projection.
 
 Padding is handled with boolean frame masks (True = real frame). A query whose keys
 are all padding attends uniformly over them (masked logits become a large finite
@@ -12,12 +12,10 @@ two widths are independent: the official CMAD code attends with 16 heads of 16 (
 width 256) at model width 96. `head_dim=0` gives the usual `width // num_heads`.
 
 Layer stacks. `TransformerEncoder` (and the Perceiver of `nn.perceiver`) run their
-layers under `nn.scan` by default (the big_vision / MaxText pattern): the params of all
-layers are one array per parameter kind with a leading layer axis, so the compiled
-program and the checkpoint's array count do not grow with depth. `scan=False` builds the
-same layers unrolled (`layer{i}`); `stack_params` / `unstack_params` move params between
-the two forms (the numerics are the same). `remat=True` recomputes each layer's
-activations in the backward pass (`nn.remat`).
+layers through `nn.stack.layer_stack`: under `nn.scan` by default, one array per parameter
+kind with a leading layer axis, so the compiled program and the checkpoint's array count
+do not grow with depth; `scan=False` unrolls them (`layers_{i}`, the same numbers);
+`remat=True` recomputes each layer's activations in the backward pass.
 """
 
 from __future__ import annotations
@@ -25,6 +23,8 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from mer_jax.nn.stack import layer_stack
 
 ACTIVATIONS = ("gelu", "geglu", "relu")
 NORMS = ("pre", "post")
@@ -151,58 +151,23 @@ class TransformerLayer(nn.Module):
     return nn.LayerNorm(name="norm_ff")(x + drop(feed_forward(x, train=train)))
 
 
-def scan_body(layer_cls):
-  """`layer_cls` as an `nn.scan` body: `(x, *broadcast_args, train) -> (x, None)` with the
-  layer's keyword-only `train` passed positionally (lifted transforms map positional
-  arguments only)."""
+class StackedTransformerLayer(TransformerLayer):
+  """`TransformerLayer` in `nn.stack.layer_stack`'s form: `(x, frame_mask) -> (x, None)`
+  with train/eval as an attribute."""
 
-  class Body(layer_cls):
+  train: bool = False
 
-    @nn.compact
-    def __call__(self, x, *args):
-      *args, train = args
-      return super().__call__(x, *args, train=train), None
-
-  Body.__name__ = Body.__qualname__ = f"Scanned{layer_cls.__name__}"
-  return Body
-
-
-def scanned_stack(layer_cls, num_layers: int, *, remat: bool, num_args: int,
-                  share_weights: bool = False, **fields):
-  """`nn.scan` of `num_layers` copies of `layer_cls` (params stacked on a leading axis,
-  or one shared set with `share_weights`); call it as `stack(x, *args, train)` with
-  `num_args` broadcast arguments. `fields` go to the layer (including `name`)."""
-  body = scan_body(layer_cls)
-  if remat:
-    # self, x, the broadcast arguments, then the static train flag
-    body = nn.remat(body, prevent_cse=False, static_argnums=(num_args + 2,))
-  if share_weights:
-    scan = nn.scan(body, variable_broadcast="params", split_rngs={"params": False,
-                                                                  "dropout": True},
-                   in_axes=(nn.broadcast,) * (num_args + 1), length=num_layers)
-  else:
-    scan = nn.scan(body, variable_axes={"params": 0},
-                   split_rngs={"params": True, "dropout": True},
-                   in_axes=(nn.broadcast,) * (num_args + 1), length=num_layers)
-  return scan(**fields)
-
-
-def stack_params(layers):
-  """Unrolled per-layer param trees [p_0, ..., p_{L-1}] -> the scanned form (leading axis)."""
-  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *layers)
-
-
-def unstack_params(stacked, num_layers: int):
-  """The scanned form -> [p_0, ..., p_{L-1}]."""
-  return [jax.tree.map(lambda leaf, i=i: leaf[i], stacked) for i in range(num_layers)]
+  @nn.compact
+  def __call__(self, x, frame_mask=None):
+    return super().__call__(x, frame_mask, train=self.train), None
 
 
 class TransformerEncoder(nn.Module):
-  """A stack of `TransformerLayer`s (scanned by default); pre-norm stacks end with a
-  LayerNorm (`norm_out`), post-norm ones are normalised already (PyTorch's
-  `nn.TransformerEncoder(norm=None)`).
+  """A stack of `TransformerLayer`s (`nn.stack.layer_stack`: scanned by default); pre-norm
+  stacks end with a LayerNorm (`norm_out`), post-norm ones are normalised already
+  (PyTorch's `nn.TransformerEncoder(norm=None)`).
 
-  Params: scanned, `layers/...` with a leading layer axis; unrolled, `layer{i}/...`.
+  Params: scanned, `layers/...` with a leading layer axis; unrolled, `layers_{i}/...`.
   """
 
   num_layers: int
@@ -218,19 +183,10 @@ class TransformerEncoder(nn.Module):
 
   @nn.compact
   def __call__(self, x, frame_mask=None, *, train: bool):
-    fields = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, dropout=self.dropout,
-                  activation=self.activation, head_dim=self.head_dim, qkv_bias=self.qkv_bias,
-                  norm=self.norm)
-    if self.scan and self.num_layers:
-      stack = scanned_stack(TransformerLayer, self.num_layers, remat=self.remat, num_args=1,
-                            name="layers", **fields)
-      x, _ = stack(x, frame_mask, train)
-    else:
-      layer_cls = scan_body(TransformerLayer)
-      if self.remat:
-        layer_cls = nn.remat(layer_cls, prevent_cse=False, static_argnums=(3,))
-      for i in range(self.num_layers):
-        x, _ = layer_cls(**fields, name=f"layer{i}")(x, frame_mask, train)
+    x = layer_stack(StackedTransformerLayer, self.num_layers, x, frame_mask, scan=self.scan,
+                    remat=self.remat, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
+                    dropout=self.dropout, activation=self.activation, head_dim=self.head_dim,
+                    qkv_bias=self.qkv_bias, norm=self.norm, train=train)
     return nn.LayerNorm(name="norm_out")(x) if self.norm == "pre" else x
 
 

@@ -7,11 +7,11 @@ transformer layers, exact (erf) GELU, LayerNorm epsilon from the config, dropout
 the embeddings, on the attention probabilities and after each residual branch. The
 layers run under `nn.scan` (`scan=True`, the default): one array per parameter kind with
 a leading layer axis, so the compiled program and the checkpoint's array count do not
-grow with depth; `scan=False` unrolls them (`encoder_layer_{i}`), with the same numerics.
+grow with depth; `scan=False` unrolls them (`encoder_{i}`), with the same numerics.
 The parameter tree mirrors the checkpoint names, so the map between the two is
 mechanical (scanned: layer i is row i of the stacked array):
 
-    checkpoint (canonical)                            params (scanned; unrolled: encoder_layer_{i})
+    checkpoint (canonical)                            params (scanned; unrolled: encoder_{i})
     embeddings.word_embeddings.weight                 embeddings/word_embeddings/embedding
     embeddings.LayerNorm.weight | .bias               embeddings/LayerNorm/scale | bias
     encoder.layer.{i}.attention.self.query.weight     encoder/attention/query/kernel[i] (.T)
@@ -38,6 +38,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from mer_jax.nn.stack import layer_stack
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -203,8 +205,8 @@ class BertLayer(nn.Module):
     return _layer_norm(c, "LayerNorm")(h + x)
 
 
-class _ScannedBertLayer(BertLayer):
-  """`BertLayer` as an `nn.scan` body: (x, attention_mask) -> (x, None)."""
+class _StackedBertLayer(BertLayer):
+  """`BertLayer` in `nn.stack.layer_stack`'s form: (x, attention_mask) -> (x, None)."""
 
   @nn.compact
   def __call__(self, x, attention_mask):
@@ -221,7 +223,7 @@ class BertModel(nn.Module):
     remat: recompute each layer's activations in the backward pass (`nn.remat`) instead
       of storing them: less memory for about one more forward pass of compute.
     scan: the layers under `nn.scan` (params `encoder/...` with a leading layer axis);
-      False unrolls them as `encoder_layer_{i}`.
+      False unrolls them as `encoder_{i}` (`nn.stack.layer_stack`).
   """
 
   config: BertConfig
@@ -248,18 +250,9 @@ class BertModel(nn.Module):
     deterministic = not train
     x = BertEmbeddings(self.config, name="embeddings")(
         input_ids, jnp.asarray(token_type_ids, jnp.int32), deterministic=deterministic)
-    if self.scan:
-      body = nn.remat(_ScannedBertLayer, prevent_cse=False) if self.remat else _ScannedBertLayer
-      encoder = nn.scan(body, variable_axes={"params": 0},
-                        split_rngs={"params": True, "dropout": True}, in_axes=nn.broadcast,
-                        length=self.config.num_hidden_layers)
-      x, _ = encoder(self.config, deterministic=deterministic, name="encoder")(
-          x, attention_mask)
-    else:
-      layer_cls = nn.remat(BertLayer) if self.remat else BertLayer
-      for i in range(self.config.num_hidden_layers):
-        x = layer_cls(self.config, deterministic=deterministic,
-                      name=f"encoder_layer_{i}")(x, attention_mask)
+    x = layer_stack(_StackedBertLayer, self.config.num_hidden_layers, x, attention_mask,
+                    scan=self.scan, remat=self.remat, name="encoder", config=self.config,
+                    deterministic=deterministic)
     pooled = None
     if self.use_pooler:
       pooled = jnp.tanh(_dense(self.config.hidden_size, "pooler")(x[:, 0]))
@@ -302,7 +295,7 @@ def name_map(config: BertConfig, *, use_pooler: bool = True, scan: bool = True
   layer_norm("embeddings.LayerNorm", ("embeddings", "LayerNorm"))
   for i in range(config.num_hidden_layers):
     src = f"encoder.layer.{i}"
-    dst, layer = (("encoder",), i) if scan else ((f"encoder_layer_{i}",), None)
+    dst, layer = (("encoder",), i) if scan else ((f"encoder_{i}",), None)
     for name in ("query", "key", "value"):
       linear(f"{src}.attention.self.{name}", (*dst, "attention", name), layer)
     linear(f"{src}.attention.output.dense", (*dst, "attention", "output"), layer)

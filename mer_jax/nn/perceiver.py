@@ -15,8 +15,8 @@ before they become keys, so nothing stored at a masked frame can reach the outpu
 sequence with no real frame attends uniformly over zero keys and gives a constant,
 finite vector; the fusion stage (`nn.fusion`) masks such a modality out.
 
-The layers run under `nn.scan` (params `layers/...` with a leading depth axis;
-`scan=False` unrolls them as `layer{i}/...`, same numerics).
+The layers run through `nn.stack.layer_stack` (params `layers/...` with a leading depth
+axis; `scan=False` unrolls them as `layers_{i}/...`, same numerics).
 """
 
 from __future__ import annotations
@@ -24,12 +24,14 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mer_jax.nn.attention import CrossAttentionLayer, TransformerLayer, scan_body, scanned_stack
+from mer_jax.nn.attention import CrossAttentionLayer, TransformerLayer
+from mer_jax.nn.stack import layer_stack
 
 
 class PerceiverLayer(nn.Module):
   """One Perceiver layer: latents cross-attend to the sequence (`cross`), then
-  `self_per_cross` latent self-attention blocks (`latent{j}`)."""
+  `self_per_cross` latent self-attention blocks (`latent{j}`). `layer_stack`'s form:
+  `(latents, x, frame_mask) -> (latents, None)`, train/eval an attribute."""
 
   cross_heads: int = 1
   latent_heads: int = 4
@@ -39,17 +41,18 @@ class PerceiverLayer(nn.Module):
   cross_head_dim: int = 0
   latent_head_dim: int = 0
   qkv_bias: bool = True
+  train: bool = False
 
   @nn.compact
-  def __call__(self, latents, x, frame_mask, *, train: bool):
+  def __call__(self, latents, x, frame_mask):
     h = CrossAttentionLayer(self.cross_heads, self.mlp_dim, self.dropout, activation="geglu",
                             head_dim=self.cross_head_dim, qkv_bias=self.qkv_bias,
-                            name="cross")(latents, x, key_mask=frame_mask, train=train)
+                            name="cross")(latents, x, key_mask=frame_mask, train=self.train)
     for j in range(self.self_per_cross):
       h = TransformerLayer(self.latent_heads, self.mlp_dim, self.dropout, activation="geglu",
                            head_dim=self.latent_head_dim, qkv_bias=self.qkv_bias,
-                           name=f"latent{j}")(h, train=train)
-    return h
+                           name=f"latent{j}")(h, train=self.train)
+    return h, None
 
 
 class Perceiver(nn.Module):
@@ -63,11 +66,11 @@ class Perceiver(nn.Module):
     mlp_dim: hidden width of the GEGLU feed-forwards.
     self_per_cross: latent self-attention blocks after each cross-attention.
     dropout: dropout rate inside the blocks.
-    share_weights: one set of layer weights reused by every layer (the Perceiver's
-      iterative attention with shared weights); False gives each layer its own.
+    share_weights: one set of layer weights (`layers_0`) reused by every layer (the
+      Perceiver's iterative attention with shared weights); False gives each its own.
     cross_head_dim, latent_head_dim: head dimensions; 0 = D // heads.
     qkv_bias: biases on the query/key/value projections (the official code has none).
-    scan: layers under `nn.scan` (False: unrolled, `layer{i}`).
+    scan: layers under `nn.scan` (`layers/...`; False: unrolled, `layers_{i}`).
     remat: recompute each layer in the backward pass.
   """
 
@@ -97,17 +100,13 @@ class Perceiver(nn.Module):
     fields = dict(cross_heads=self.cross_heads, latent_heads=self.latent_heads,
                   mlp_dim=self.mlp_dim, self_per_cross=self.self_per_cross,
                   dropout=self.dropout, cross_head_dim=self.cross_head_dim,
-                  latent_head_dim=self.latent_head_dim, qkv_bias=self.qkv_bias)
-    if self.scan:
-      stack = scanned_stack(PerceiverLayer, self.depth, remat=self.remat, num_args=2,
-                            share_weights=self.share_weights, name="layers", **fields)
-      h, _ = stack(h, x, frame_mask, train)
+                  latent_head_dim=self.latent_head_dim, qkv_bias=self.qkv_bias, train=train)
+    if self.share_weights:
+      # One set of weights applied `depth` times (nothing to stack).
+      layer = PerceiverLayer(**fields, name="layers_0")
+      for _ in range(self.depth):
+        h, _ = layer(h, x, frame_mask)
     else:
-      layer_cls = scan_body(PerceiverLayer)
-      if self.remat:
-        layer_cls = nn.remat(layer_cls, prevent_cse=False, static_argnums=(4,))
-      layers = [layer_cls(**fields, name=f"layer{i}")
-                for i in range(1 if self.share_weights else self.depth)]
-      for i in range(self.depth):
-        h, _ = layers[0 if self.share_weights else i](h, x, frame_mask, train)
+      h = layer_stack(PerceiverLayer, self.depth, h, x, frame_mask, scan=self.scan,
+                      remat=self.remat, **fields)
     return nn.LayerNorm(name="norm_out")(h.mean(axis=1))
