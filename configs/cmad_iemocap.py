@@ -7,7 +7,7 @@ Variants: `:synthetic` (IEMOCAP-shaped generated data, a few CPU minutes), `:tin
 """
 
 from mer_jax import config_lib
-from mer_jax.methods import cmad
+from mer_jax.methods import cmad, mcur
 
 
 def get_config(arg=None):
@@ -20,13 +20,12 @@ def get_config(arg=None):
   config.data.task = "multilabel_binary"
 
   # Sec. 6.1-6.2, IEMOCAP: D = 30, 4 Perceiver layers, Adam, lr 1e-3, batch 120,
-  # gamma = 0.7, alpha = 0.9, G = 10, delta (the supplement's sigma) = 1.
-  config.model.width = 30
+  # gamma = 0.7, alpha = 0.9, G = 10, delta (the supplement's sigma) = 1. The official
+  # IEMOCAP code is not public: the official blocks with 5 heads of 5 and a kernel-1
+  # text projection (MulT's, GloVe features), the sizes MCUR's Table 9 count confirms.
+  mcur.scale_backbone(config.model, width=30, heads=5)
   config.model.perceiver_depth = 4
-  config.model.latent_heads = 5  # heads must divide D = 30
-  config.model.fusion_heads = 5
-  config.model.perceiver_mlp_dim = 120
-  config.model.fusion_mlp_dim = 120
+  config.model.kernel_sizes = (1, 1, 1)
   config.train.optimizer = "adam"
   config.train.learning_rate = 1e-3
   config.train.batch_size = 120
@@ -34,6 +33,8 @@ def get_config(arg=None):
   config.loss.dkd_alpha = 0.9
   config.loss.mar_epochs = 10
   config.loss.cafd_weight = 1.0
+  # Student kept: the best dev F1 on full modalities (averaged over the four emotions).
+  config.train.selection_metric = "f1"
 
   cmad.apply_variant(config, variant)
   return config_lib.finalize(config)

@@ -5,11 +5,13 @@ r"""Throughput benchmark of a method's compiled train step and evaluation forwar
 Prints one JSON line: train and evaluation compile seconds, checkpoint save seconds,
 the training loop's epoch seconds and `epoch_overhead_fraction` (validation + checkpoint
 writes over an epoch's wall time, measured on `--loop_epochs` real epochs), train steps/s
-and samples/s (median of repeats with min/max), evaluation samples/s, parameter count,
+and samples/s (median of repeats with min/max), evaluation samples/s, parameter counts
+(`num_params`, `num_params_text_encoder` and `num_params_without_text_encoder`),
 achieved FLOP/s of the train step (XLA's cost analysis) against an fp32 matmul rate
 measured in the same run, peak device memory where the backend reports it, and the
-device kind and count. For two-stage methods the last stage (the student, teacher
-forward included) is measured.
+device kind and count. For two-stage methods the last stage (the student) is measured,
+with the frozen teacher's outputs computed once for the split as the trainer does
+(`teacher_cache`; per step with `--config.train.cache_teacher=False`).
 
 Ratios measured in the same run: `eval_batched_speedup`, the 7 fixed combinations
 evaluated one compiled call per scenario against all in one vmapped call, and
@@ -37,9 +39,15 @@ from ml_collections import config_flags
 
 from mer_jax import cli, config_lib, evaluate, parallel, trainer
 from mer_jax.data import missing, pipeline
-from mer_jax.methods import build_stages
+from mer_jax.methods import build_stages, text_encoder
 from mer_jax.methods.base import StageContext
-from mer_jax.trainer import Predictor, init_train_state, make_optimizer, make_train_step
+from mer_jax.trainer import (
+    Predictor,
+    init_train_state,
+    make_optimizer,
+    make_train_step,
+    teacher_outputs,
+)
 
 
 def _timed(fn, repeats: int) -> list[float]:
@@ -128,6 +136,10 @@ def run_benchmark(config, *, steps: int = 10, repeats: int = 3, loop_epochs: int
   stage = stages[-1]
   tx = make_optimizer(config.train, batcher.steps_per_epoch(), stage.num_epochs)
   state = parallel.replicate(init_train_state(stage, tx, example, key), mesh)
+  cached = stage.teacher_forward is not None and config.train.get("cache_teacher", True)
+  if cached:  # the frozen teacher's outputs once for the split, as the trainer does
+    context = dataclasses.replace(context, teacher_outputs=teacher_outputs(stage, context,
+                                                                           batcher))
   step = make_train_step(stage, tx, key, context, mesh)
   rows = batcher.epoch_rows(config.seed, 0)
   batch = batcher.batch(rows[0])
@@ -207,7 +219,8 @@ def run_benchmark(config, *, steps: int = 10, repeats: int = 3, loop_epochs: int
       "batch_size": config.train.batch_size,
       "device_kind": device.device_kind, "num_devices": int(mesh.devices.size),
       "backend": jax.default_backend(),
-      "num_params": int(sum(x.size for x in jax.tree.leaves(state.params))),
+      **text_encoder.parameter_counts(state.params),
+      "teacher_cache": cached,
       "train_compile_seconds": compile_seconds,
       "eval_compile_seconds": eval_compile_seconds,
       "checkpoint_save_seconds": save_seconds,

@@ -257,7 +257,7 @@ def validate_config(config, spec=None, *, num_train: int | None = None) -> None:
            "a local Hugging Face BERT folder holding config.json and model.safetensors "
            "(vocab.txt optional; docs/methods.md#fine-tuning-bert), or "
            "--config.model.text_encoder=features to train on the data's frozen text "
-           "features instead")
+           "features instead (its numbers are not the papers')")
     if config.data.source not in TOKEN_ID_SOURCES:
       fail("data.source", f"gives no token ids; config.model.text_encoder='bert' reads the "
            f"ids of {TOKEN_ID_SOURCES} data (MMSA text_bert)")

@@ -9,6 +9,7 @@ device count computes the same global-batch losses.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import signal
@@ -121,12 +122,14 @@ def with_schedule_length(opt_state, total_steps: int):
 
 
 def make_optimizer(train_config, steps_per_epoch: int, num_epochs: int, *,
-                   learning_rate: float | None = None):
+                   learning_rate: float | None = None, grad_clip: float | None = None):
   """optax optimiser from `config.train` (optimizer, schedule, warmup, clipping).
 
   `learning_rate` overrides `config.train.learning_rate` (a stage's own rate, e.g.
-  `config.teacher.learning_rate`). The schedule's length (steps_per_epoch x num_epochs)
-  is optimiser state (`ScheduleState`), not a compile-time constant.
+  `config.teacher.learning_rate`), `grad_clip` `config.train.grad_clip` (a stage's own
+  clip, e.g. `config.teacher.grad_clip`; 0 disables). The schedule's length
+  (steps_per_epoch x num_epochs) is optimiser state (`ScheduleState`), not a
+  compile-time constant.
 
   With `text_encoder_learning_rate` > 0 the `text_encoder` subtree of the params (a BERT
   text branch, `methods.text_encoder`) gets the same optimiser and schedule shape at that
@@ -160,8 +163,9 @@ def make_optimizer(train_config, steps_per_epoch: int, num_epochs: int, *,
                               v) for k, v in params.items()}
 
     tx = optax.multi_transform({"text_encoder": make_tx(encoder_rate), "rest": tx}, labels)
-  if train_config.grad_clip:
-    tx = optax.chain(optax.clip_by_global_norm(train_config.grad_clip), tx)
+  clip = train_config.grad_clip if grad_clip is None else grad_clip
+  if clip:
+    tx = optax.chain(optax.clip_by_global_norm(clip), tx)
   return tx
 
 
@@ -658,9 +662,10 @@ def make_train_step(stage: Stage, tx, train_key, context: StageContext, mesh, *,
   models train in one program (`config.num_seeds`).
   """
 
-  def train_step(state: TrainState, batch, train_key, frozen, frozen_state):
+  def train_step(state: TrainState, batch, train_key, frozen, frozen_state, teacher_outputs):
     key = jax.random.fold_in(train_key, state.step)
-    ctx = StageContext(frozen=frozen, frozen_state=frozen_state, epoch=state.epoch)
+    ctx = StageContext(frozen=frozen, frozen_state=frozen_state, epoch=state.epoch,
+                       teacher_outputs=teacher_outputs)
     (loss, (step_metrics, method_state)), grads = jax.value_and_grad(
         stage.loss_fn, has_aux=True)(state.params, state.method_state, batch, key, ctx)
     grad_norm = optax.global_norm(grads)
@@ -683,10 +688,29 @@ def make_train_step(stage: Stage, tx, train_key, context: StageContext, mesh, *,
   # best value) is re-laid out to match instead of triggering a recompilation.
   jitted = jax.jit(jax.vmap(train_step) if seed_axis else train_step, donate_argnums=(0,),
                    in_shardings=(replicated, parallel.data_sharding(mesh, int(seed_axis)),
-                                 replicated, replicated, replicated),
+                                 replicated, replicated, replicated, replicated),
                    out_shardings=(replicated, replicated))
-  constants = parallel.replicate((train_key, context.frozen, context.frozen_state), mesh)
+  constants = parallel.replicate(
+      (train_key, context.frozen, context.frozen_state, context.teacher_outputs), mesh)
   return _BoundStep(jitted, *constants)
+
+
+def teacher_outputs(stage: Stage, context: StageContext, batcher: Batcher, *,
+                    seed_axis: bool = False):
+  """`stage.teacher_forward` of the frozen teacher (`context.frozen`) for every row of
+  the batcher's split, computed once, on the devices, in batches of the training batch
+  size: `StageContext.teacher_outputs` (leading axis = the split's row; with `seed_axis`,
+  the K stacked teachers' outputs (K, N, ...)). The step then gathers its rows instead
+  of running the teacher (`base.frozen_teacher_outputs`)."""
+  forward = stage.teacher_forward
+  forward = jax.jit(jax.vmap(forward, in_axes=(0, None)) if seed_axis else forward)
+  frozen = parallel.replicate(context.frozen, batcher.mesh)
+  chunks = [forward(frozen, batcher.batch(rows)) for rows in batcher.ordered_rows()]
+  axis = int(seed_axis)
+  num_rows = batcher.num_rows
+  return jax.tree.map(
+      lambda *parts: jax.lax.slice_in_dim(jnp.concatenate(parts, axis=axis), 0, num_rows,
+                                          axis=axis), *chunks)
 
 
 def _host_int(x) -> int:
@@ -893,7 +917,7 @@ def train_stage(stage: Stage, config, splits, spec, mesh, workdir: str, *,
   batcher = Batcher(splits["train"], train_config.batch_size, mesh, **placement(config.data))
   steps_per_epoch = batcher.steps_per_epoch()
   tx = make_optimizer(train_config, steps_per_epoch, stage.num_epochs,
-                      learning_rate=stage.learning_rate)
+                      learning_rate=stage.learning_rate, grad_clip=stage.grad_clip)
   state, train_key = _init_state(stage, tx, batcher, seeds, stage_index, mesh, stacked=stacked)
 
   checkpoints = _Checkpoints(workdir, stage, train_config)
@@ -905,6 +929,10 @@ def train_stage(stage: Stage, config, splits, spec, mesh, workdir: str, *,
     logger.write({"event": "resume", "stage": tag, "epoch": _host_int(state.epoch),
                   "step": _host_int(state.step)})
 
+  if (stage.teacher_forward is not None and context.frozen is not None
+      and train_config.get("cache_teacher", True)):
+    context = dataclasses.replace(context, teacher_outputs=teacher_outputs(
+        stage, context, batcher, seed_axis=stacked))
   train_step = make_train_step(stage, tx, train_key, context, mesh, seed_axis=stacked)
   end_epoch = None
   if stage.end_epoch:

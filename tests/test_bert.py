@@ -158,15 +158,32 @@ def test_loaded_encoder_matches_numpy_reference(tmp_path, prefix, tf_names):
 def test_name_map_covers_every_tensor_and_round_trips(tmp_path):
   weights = write_tiny_bert(tmp_path)
   config = bert.load_config(str(tmp_path))
-  mapping = bert.name_map(config)
-  assert set(mapping) == set(weights)  # every checkpoint tensor of the encoder
-  shapes = bert.param_shapes(config)
-  assert sorted(target for target, _ in mapping.values()) == sorted(shapes)  # every param
-  params = bert.load_params(str(tmp_path), config)
-  back = bert.to_checkpoint(params, config)
-  assert set(back) == set(weights)
-  for name, value in weights.items():
-    np.testing.assert_array_equal(back[name], value)
+  for scan in (True, False):
+    mapping = bert.name_map(config, scan=scan)
+    assert set(mapping) == set(weights)  # every checkpoint tensor of the encoder
+    shapes = bert.param_shapes(config, scan=scan)
+    # every param, and every row of each scanned (stacked) param, exactly once
+    rows = sorted((target, -1 if layer is None else layer)
+                  for target, _, layer in mapping.values())
+    assert len(set(rows)) == len(rows)
+    assert sorted({target for target, _ in rows}) == sorted(shapes)
+    for target, shape in shapes.items():
+      layers = [layer for t, layer in rows if t == target]
+      assert layers == ([-1] if target[0] != "encoder" else list(range(shape[0]))), target
+    params = bert.load_params(str(tmp_path), config, scan=scan)
+    back = bert.to_checkpoint(params, config, scan=scan)
+    assert set(back) == set(weights)
+    for name, value in weights.items():
+      np.testing.assert_array_equal(back[name], value)
+  # The scanned encoder is one array per parameter kind: 16 whatever the depth.
+  assert len([t for t in bert.param_shapes(config) if t[0] == "encoder"]) == 16
+  scanned = bert.load_params(str(tmp_path), config)
+  unrolled = bert.load_params(str(tmp_path), config, scan=False)
+  ids, mask, segments = token_batch()
+  chex.assert_trees_all_close(
+      bert.BertModel(config).apply({"params": scanned}, ids, mask, segments),
+      bert.BertModel(config, scan=False).apply({"params": unrolled}, ids, mask, segments),
+      atol=1e-5)
   without_pooler = bert.load_params(str(tmp_path), config, use_pooler=False)
   assert "pooler" not in without_pooler
   tokens = bert.load_special_tokens(str(tmp_path), config)
@@ -348,7 +365,9 @@ def test_train_step_is_the_same_on_one_and_four_devices():
     state, metrics = step(state, parallel.shard_batch(batch, mesh))
     results.append((jax.device_get(state.params), float(metrics["loss"])))
   chex.assert_trees_all_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-5)
+  # The loss is near 0 (about -3e-3): float reassociation across the device split moves
+  # it by ~4e-8 (the scanned layers reduce in another order), hence an absolute floor.
+  np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-5, atol=1e-7)
 
 
 def test_encoder_gets_its_own_learning_rate():

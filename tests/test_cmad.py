@@ -2,6 +2,7 @@
 epoch threshold, the ablation switches, and a two-stage run whose teacher checkpoint and
 MAR memory survive a second run."""
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -9,14 +10,20 @@ import os
 import chex
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
+from absl import flags
 from conftest import REPO
 from helpers import random_batch, tiny_spec
+from ml_collections import config_flags
 
-from mer_jax import train
+from mer_jax import parallel, train, trainer
 from mer_jax.data import pipeline
-from mer_jax.methods import build_stages, cmad
+from mer_jax.data.spec import DataSpec
+from mer_jax.methods import build_stages, cmad, text_encoder
+from mer_jax.methods.base import StageContext
+from mer_jax.nn import bert
 from mer_jax.trainer import load_stage_params
 
 
@@ -75,6 +82,25 @@ def np_cafd(s, t, tau):
   p, q = softmax(sim_tt / tau), softmax(sim_st / tau)
   bikl = (np.sum(p * np.log(p / q), -1) + np.sum(q * np.log(q / p), -1)) / 2
   return np.mean(bikl * mse) + l_struct
+
+
+def np_cafd_similarity(s, t, tau):
+  """CAFD's correlation consistency alone: mean bi-KL of the rows + l_struct (Sec. 7.3)."""
+  sn = s / np.linalg.norm(s, axis=-1, keepdims=True)
+  tn = t / np.linalg.norm(t, axis=-1, keepdims=True)
+  sim_st, sim_tt = sn @ tn.T, tn @ tn.T
+  diff = np.abs(sim_tt - sim_st)
+  p, q = np_softmax(sim_tt / tau), np_softmax(sim_st / tau)
+  bikl = (np.sum(p * np.log(p / q), -1) + np.sum(q * np.log(q / p), -1)) / 2
+  return np.mean(bikl) + np.trace(diff) / diff.sum()
+
+
+def np_correlation_transfer(s, t, tau):
+  """compute_correlation_loss: bi-KL between the rows of S_ss and S_tt."""
+  sn = s / np.linalg.norm(s, axis=-1, keepdims=True)
+  tn = t / np.linalg.norm(t, axis=-1, keepdims=True)
+  p, q = np_softmax(sn @ sn.T / tau), np_softmax(tn @ tn.T / tau)
+  return np.mean((np.sum(p * np.log(p / q), -1) + np.sum(q * np.log(q / p), -1)) / 2)
 
 
 def np_softmax(z):
@@ -142,13 +168,18 @@ def test_multilabel_objective_uses_dkd_per_emotion_head():
                                         task="multilabel_binary", loss_config=config)
   p_s, p_t = np_softmax(student["output"]), np_softmax(teacher["output"])
   labels_np = np.asarray(labels)
-  ce_s = -np.log(np.take_along_axis(p_s, labels_np[..., None], -1)[..., 0]).sum(-1)
-  ce_t = -np.log(np.take_along_axis(p_t, labels_np[..., None], -1)[..., 0]).sum(-1)
+  # Per (sample, emotion) row as the official (B*K, 2) flattening, averaged over emotions.
+  ce_s = -np.log(np.take_along_axis(p_s, labels_np[..., None], -1)[..., 0])
+  ce_t = -np.log(np.take_along_axis(p_t, labels_np[..., None], -1)[..., 0])
   # Two-class heads: NCKD is 0 and TCKD is the KL of the full head distributions.
-  dkd = 0.9 * np.sum(p_t * np.log(p_t / p_s), axis=-1).sum(-1)
+  dkd = 0.9 * np.sum(p_t * np.log(p_t / p_s), axis=-1).mean(-1)
   psi = np.asarray(start["weights"])[np.asarray(combos)]
-  np.testing.assert_allclose(loss, np.mean(psi * ce_s) + 0.7 * np.mean(psi * dkd), rtol=1e-5)
-  added = np.bincount(combos, weights=np.maximum(ce_s - ce_t, 0.0), minlength=7)
+  np.testing.assert_allclose(loss, np.mean(psi * ce_s.mean(-1)) + 0.7 * np.mean(psi * dkd),
+                             rtol=1e-5)
+  # MAR difficulty: relu per row, then the mean over the emotions (not relu of the means).
+  difficulty = np.maximum(ce_s - ce_t, 0.0).mean(-1)
+  assert not np.allclose(difficulty, np.maximum(ce_s.mean(-1) - ce_t.mean(-1), 0.0))
+  added = np.bincount(combos, weights=difficulty, minlength=7)
   np.testing.assert_allclose(new["sums"], np.asarray(start["sums"]) + added, rtol=1e-5)
 
 
@@ -229,6 +260,18 @@ def test_configs():
   np.testing.assert_allclose(mosei.missing.probs, np.array([2, 3, 3, 1, 1, 3, 1]) / 14)
   assert (mosei.model.width, mosei.loss.mar_epochs, mosei.loss.cafd_weight, mosei.loss.phi,
           mosei.train.batch_size, mosei.train.learning_rate) == (96, 20, 0.1, 7.0, 128, 2e-5)
+  # The official training (README commands, train_teacher_model.py, stu_config_mosei.py).
+  assert (mosei.teacher.num_epochs, mosei.train.num_epochs, mosei.teacher.grad_clip,
+          mosei.train.grad_clip, mosei.train.weight_decay, mosei.train.schedule) == (
+              80, 80, 1.0, 0.0, 1e-4, "constant")
+  assert (mosei.model.text_encoder, mosei.model.student_train_mode,
+          mosei.model.absent_modality) == ("bert", False, "zero")
+  assert (mosei.model.fusion_dropout, mosei.model.fused_dropout,
+          mosei.model.perceiver_dropout) == (0.1, 0.3, 0.0)
+  assert (mosei.train.selection_metric, mosei.train.selection_scenarios) == ("f1_non0", "full")
+  assert load_config("cmad_mosei.py", "synthetic").model.text_encoder == "features"
+  teacher, student = cmad.build(load_config(), tiny_spec())
+  assert (teacher.grad_clip, student.grad_clip) == (1.0, None)
   assert (iemocap.data.task, iemocap.model.width, iemocap.loss.mar_epochs,
           iemocap.loss.aux_weight, iemocap.loss.dkd_alpha, iemocap.train.optimizer) == (
               "multilabel_binary", 30, 10, 0.7, 0.9, "adam")
@@ -236,6 +279,95 @@ def test_configs():
   config.loss.mar_epochs = 0
   with pytest.raises(ValueError, match="mar_epochs"):
     cmad.build(config, tiny_spec())
+
+
+def parse_command_line(*overrides, name="cmad_mosei.py:tiny"):
+  """The config `python -m mer_jax.train --config configs/NAME ...overrides` would run."""
+  argv = ["train", f"--config={os.path.join(REPO, 'configs', name)}", *overrides]
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True,
+                                  sys_argv=argv)
+  values(argv)
+  return values.config
+
+
+def test_official_student_has_the_official_parameter_count():
+  """The official student (YetZzzzzz/CMAD student_model.py) has 7,437,569 parameters
+  besides BERT (docs/methods.md) and BERT-base without pooler 108,891,648 (`BERT_TM`
+  builds none); counted from shapes only."""
+  config = load_config("cmad_mosei.py", "")
+  config.model.text_encoder = "features"  # the same network; BERT added below, no folder
+  spec = DataSpec("mosei", "regression", 1, dims=(768, 74, 35), lengths=(50, 50, 50))
+  encoder = bert.BertModel(bert.BertConfig(), use_pooler=False)  # bert-base-uncased
+  stage = text_encoder.with_text_encoder(cmad.build(config, spec)[1], encoder,
+                                         bert.SpecialTokens())
+  batch = random_batch(spec, batch_size=2)
+  batch.update(text_ids=np.ones((2, 50), np.int32), text_segments=np.zeros((2, 50), np.int32))
+  params = jax.eval_shape(lambda: stage.model.init(
+      {"params": jax.random.key(0)}, batch, train=False)["params"])
+  assert text_encoder.parameter_counts(params) == {
+      "num_params": 7_437_569 + 108_891_648, "num_params_text_encoder": 108_891_648,
+      "num_params_without_text_encoder": 7_437_569}
+  # Scanned layers: the array count does not grow with the Perceiver depth.
+  deeper = jax.eval_shape(lambda: cmad.build_model(
+      dict_override(config, perceiver_depth=9), spec).init(
+          {"params": jax.random.key(0)}, random_batch(spec, 2), train=False)["params"])
+  assert len(jax.tree.leaves(deeper)) == len(jax.tree.leaves(params["method"]))
+
+
+def dict_override(config, **model_fields):
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.model.update(model_fields)
+  return config
+
+
+def test_real_config_without_bert_folder_stops_before_loading_data(tmp_path, monkeypatch):
+  config = load_config("cmad_mosei.py", "")
+  config.data.dir = str(tmp_path / "no_data_here")
+  monkeypatch.setattr(pipeline, "load_data", lambda *_: pytest.fail("data were loaded"))
+  with pytest.raises(ValueError) as error:
+    train.run(config, str(tmp_path / "run"))
+  message = str(error.value)
+  for part in ("config.model.text_encoder_path", "config.json", "model.safetensors",
+               "--config.model.text_encoder=features", "not the papers'"):
+    assert part in message, part
+
+
+@pytest.mark.parametrize("mode", ["mse_only", "sim_only", "correlation"])
+def test_cafd_mode_from_the_command_line(mode):
+  config = parse_command_line(f"--config.loss.cafd_mode={mode}")
+  assert config.loss.cafd_mode == mode
+  student, teacher, labels, combos = outputs("regression", seed=5)
+  loss, metrics, _ = cmad.student_objective(student, teacher, labels, combos, memory(),
+                                            task="regression", loss_config=config.loss)
+  s, t = (np.asarray(o["embedding"], np.float64) for o in (student, teacher))
+  expected = {"mse_only": np.mean((s - t) ** 2), "sim_only": np_cafd_similarity(s, t, 0.2),
+              "correlation": np_correlation_transfer(s, t, 0.2)}[mode]
+  np.testing.assert_allclose(metrics["loss_cafd"], expected, rtol=1e-5)
+  bad = parse_command_line("--config.loss.cafd_mode=weighted")
+  with pytest.raises(ValueError, match="config.loss.cafd_mode"):
+    cmad.build(bad, tiny_spec())
+
+
+@pytest.mark.slow
+def test_student_trains_deterministically_as_the_official_student():
+  """With student_train_mode False the student's training loss does not depend on the
+  dropout rates (the frozen teacher is deterministic anyway); with True it does."""
+  spec = tiny_spec()
+  batch = random_batch(spec, batch_size=6, seed=3)
+  losses = {}
+  for train_mode, rate in ((False, 0.0), (False, 0.9), (True, 0.9)):
+    config = load_config()
+    config.model.update(student_train_mode=train_mode, fused_dropout=rate, fusion_dropout=rate)
+    _, student = cmad.build(config, spec)
+    params = jax.eval_shape(lambda s=student: s.model.init(
+        {"params": jax.random.key(0)}, batch, train=False)["params"])
+    params = jax.tree.map(lambda leaf: jnp.full(leaf.shape, 0.05, leaf.dtype), params)
+    loss, _ = jax.jit(lambda p, s=student: s.loss_fn(
+        p, s.init_state(), batch, jax.random.key(7), StageContext(frozen=p)))(params)
+    losses[train_mode, rate] = float(loss)
+  assert losses[False, 0.0] == pytest.approx(losses[False, 0.9], rel=1e-6)
+  assert losses[False, 0.0] != pytest.approx(losses[True, 0.9], rel=1e-3)
 
 
 # ----------------------------------------------------------------------------- training
@@ -291,3 +423,34 @@ def test_two_stage_run_reuses_teacher_and_keeps_mar_memory(tmp_path):
   again, epoch = student_memory(workdir, config)
   assert epoch == 3
   chex.assert_trees_all_close(again, mar)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["cmad", "mcur"])
+def test_teacher_outputs_computed_once_equal_the_per_step_teacher(method):
+  """The trainer's teacher cache (`trainer.teacher_outputs`, the default) gives the
+  student's loss and logged terms of the per-step teacher forward (`cache_teacher=False`);
+  the teacher gets no gradient either way."""
+  config = load_config(f"{method}_mosei.py")
+  spec = tiny_spec()
+  split = random_batch(spec, batch_size=12, seed=6)
+  teacher, student = build_stages(config, spec)
+  assert student.teacher_forward is not None and teacher.teacher_forward is None
+  batcher = pipeline.Batcher(split, 4, parallel.make_mesh(1), on_device=True)
+  params = jax.eval_shape(lambda: student.model.init(
+      {"params": jax.random.key(0)}, split, train=False)["params"])
+  rng = np.random.default_rng(0)
+  frozen, params = (jax.tree.map(lambda leaf: jnp.asarray(
+      0.2 * rng.normal(size=leaf.shape), leaf.dtype), params) for _ in range(2))
+  context = StageContext(frozen=frozen, frozen_state=teacher.init_state())
+  cached = dataclasses.replace(context, teacher_outputs=trainer.teacher_outputs(
+      student, context, batcher))
+  chex.assert_shape(cached.teacher_outputs["embedding"], (12, config.model.width))
+  batch = batcher.batch(batcher.epoch_rows(seed=3, epoch=1)[0])  # shuffled rows
+
+  def loss_and_metrics(ctx):
+    return jax.jit(lambda p: student.loss_fn(p, student.init_state(), batch,
+                                             jax.random.key(1), ctx)[:2])(params)
+
+  chex.assert_trees_all_close(loss_and_metrics(cached), loss_and_metrics(context), rtol=1e-5,
+                              atol=1e-6)

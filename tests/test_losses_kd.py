@@ -126,8 +126,8 @@ def dkd_reference(zs, zt, labels, alpha, beta, temp):
   if zs.ndim == 2:
     return np.array([dkd_reference_single(zs[i], zt[i], labels[i], alpha, beta, temp)
                      for i in range(len(zs))])
-  return np.array([sum(dkd_reference_single(zs[i, k], zt[i, k], labels[i, k], alpha, beta,
-                                            temp) for k in range(zs.shape[1]))
+  return np.array([np.mean([dkd_reference_single(zs[i, k], zt[i, k], labels[i, k], alpha, beta,
+                                                 temp) for k in range(zs.shape[1])])
                    for i in range(len(zs))])
 
 
@@ -146,14 +146,17 @@ def sugr_reference(out_s, out_t, y, task, alpha, temp, use_uncertainty=True, use
       logits_term = (out_s[i] - out_t[i]) ** 2
       task_term = abs(y[i] - out_s[i])
     else:
+      # Every (sample, emotion) pair is one row; the rows' products are averaged.
       heads_s = out_s[i][None] if task == "classification" else out_s[i]
       heads_t = out_t[i][None] if task == "classification" else out_t[i]
       targets = np.atleast_1d(y[i])
-      h_s = sum(_entropy_ref(z) for z in heads_s)
-      h_t = sum(_entropy_ref(z) for z in heads_t)
-      logits_term = sum(dkd_reference_single(zs, zt, k, alpha, 1 - alpha, temp)
-                        for zs, zt, k in zip(heads_s, heads_t, targets, strict=True))
-      task_term = sum(-np.log(_softmax(z)[k]) for z, k in zip(heads_s, targets, strict=True))
+      rows = []
+      for zs, zt, k in zip(heads_s, heads_t, targets, strict=True):
+        weight = abs(_entropy_ref(zt) - _entropy_ref(zs)) if use_uncertainty else 1.0
+        logits_term = dkd_reference_single(zs, zt, k, alpha, 1 - alpha, temp)
+        rows.append(weight * (-np.log(_softmax(zs)[k]) + (logits_term if use_logits else 0.0)))
+      result.append(np.mean(rows))
+      continue
     weight = abs(h_t - h_s) if use_uncertainty else 1.0
     result.append(weight * (task_term + (logits_term if use_logits else 0.0)))
   return np.array(result)
@@ -434,7 +437,7 @@ class TestDKD:
     np.testing.assert_allclose(got, dkd_reference(zs, zt, labels, 0.3, 2.0, temp), rtol=1e-4,
                                atol=1e-6)
 
-  def test_multilabel_sums_heads(self):
+  def test_multilabel_averages_heads(self):
     zs, zt = _logits(3, (7, 4, 2)), _logits(4, (7, 4, 2))
     labels = np.random.default_rng(5).integers(0, 2, size=(7, 4))
     got = distillation.dkd(zs, zt, labels, alpha=0.6, beta=0.4, temperature=2.0)
@@ -511,6 +514,68 @@ class TestSUGR:
                         task="multilabel_binary")
     with pytest.raises(ValueError):
       distillation.sugr(jnp.zeros(3), jnp.zeros(3), jnp.zeros(3), task="ordinal")
+
+
+  def test_detached_weight_keeps_the_value_and_drops_its_gradient(self):
+    out_s, out_t, y = self._inputs("regression", 23)
+    plain = distillation.sugr(out_s, out_t, y, task="regression")
+    detached = lambda s: distillation.sugr(s, out_t, y, task="regression", detach_weight=True)
+    np.testing.assert_allclose(detached(out_s), plain, rtol=1e-6)
+    grad = jax.grad(lambda s: detached(s).sum())(out_s)
+    ys, yt, yy = (np.asarray(a, np.float64) for a in (out_s, out_t, y))
+    weight = np.abs((yy - yt) ** 2 - (yy - ys) ** 2)  # a constant once detached
+    np.testing.assert_allclose(grad, weight * (-np.sign(yy - ys) + 2 * (ys - yt)), rtol=1e-4,
+                               atol=1e-5)
+    full = jax.grad(lambda s: distillation.sugr(s, out_t, y, task="regression").sum())(out_s)
+    assert not np.allclose(grad, full, atol=1e-3)
+
+
+class TestMultilabelRows:
+  """IEMOCAP's 4 emotions x 2 logits as the official CMAD loss.py and MulT reduce them:
+  flatten to (B*K, 2) rows, compute per row, average (numpy, vectorised)."""
+
+  def _rows(self):
+    rng = np.random.default_rng(30)
+    zs, zt = _logits(31, (6, 4, 2)), _logits(32, (6, 4, 2))
+    return zs, zt, rng.integers(0, 2, size=(6, 4)).astype(np.int32)
+
+  @staticmethod
+  def _flat(zs, zt, labels):
+    flat = lambda a: np.asarray(a, np.float64).reshape(-1, 2)
+    zs, zt, labels = flat(zs), flat(zt), np.asarray(labels).reshape(-1)
+    log_ps = zs - np.log(np.exp(zs).sum(-1, keepdims=True))
+    log_pt = zt - np.log(np.exp(zt).sum(-1, keepdims=True))
+    rows = np.arange(len(labels))
+    return dict(ce_s=-log_ps[rows, labels], ce_t=-log_pt[rows, labels],
+                h_s=-(np.exp(log_ps) * log_ps).sum(-1), h_t=-(np.exp(log_pt) * log_pt).sum(-1),
+                # two classes: TCKD is the KL of the whole rows, NCKD is 0
+                kl=(np.exp(log_pt) * (log_pt - log_ps)).sum(-1))
+
+  def test_task_entropy_and_dkd_are_row_means(self):
+    from mer_jax.losses.task import predictive_entropy, task_loss
+    zs, zt, labels = self._rows()
+    ref = {k: v.reshape(6, 4) for k, v in self._flat(zs, zt, labels).items()}
+    np.testing.assert_allclose(task_loss(jnp.asarray(zs), labels, "multilabel_binary"),
+                               ref["ce_s"].mean(-1), rtol=1e-5)
+    np.testing.assert_allclose(predictive_entropy(jnp.asarray(zs), "multilabel_binary"),
+                               ref["h_s"].mean(-1), rtol=1e-5)
+    np.testing.assert_allclose(distillation.dkd(zs, zt, labels, alpha=0.7, beta=0.3,
+                                                temperature=1.0),
+                               0.7 * ref["kl"].mean(-1), rtol=1e-4, atol=1e-7)
+    # the batch mean of the per-sample values is the mean over the B*K rows
+    np.testing.assert_allclose(task_loss(jnp.asarray(zs), labels, "multilabel_binary").mean(),
+                               ref["ce_s"].mean(), rtol=1e-5)
+
+  def test_sugr_product_is_taken_per_row_then_averaged(self):
+    zs, zt, labels = self._rows()
+    ref = {k: v.reshape(6, 4) for k, v in self._flat(zs, zt, labels).items()}
+    got = distillation.sugr(zs, zt, labels, task="multilabel_binary", alpha=0.6)
+    rows = np.abs(ref["h_t"] - ref["h_s"]) * (ref["ce_s"] + 0.6 * ref["kl"])
+    np.testing.assert_allclose(got, rows.mean(-1), rtol=1e-4, atol=1e-7)
+    # not the product of the averages
+    products = np.abs(ref["h_t"].mean(-1) - ref["h_s"].mean(-1)) * (
+        ref["ce_s"].mean(-1) + 0.6 * ref["kl"].mean(-1))
+    assert not np.allclose(got, products, rtol=1e-3)
 
 
 # ----------------------------------------------------------------------------------------

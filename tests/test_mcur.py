@@ -10,12 +10,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl import flags
 from conftest import REPO
 from helpers import random_batch, tiny_spec
+from ml_collections import config_flags
 
 from mer_jax import train
+from mer_jax.data.spec import DataSpec
 from mer_jax.losses import infonce, mcb_contrastive
-from mer_jax.methods import mcur
+from mer_jax.methods import mcur, text_encoder
+from mer_jax.nn import bert
 
 
 def load_config(name, arg="tiny"):
@@ -66,12 +70,10 @@ def np_log_softmax(z):
 
 
 def np_entropy_and_ce(logits, labels):
-  """Per-sample entropy and cross-entropy, summed over any emotion heads."""
+  """Entropy and cross-entropy per row: (B,), or (B, K) with one row per emotion."""
   log_p = np_log_softmax(logits)
   entropy = -(np.exp(log_p) * log_p).sum(-1)
   ce = -np.take_along_axis(log_p, np.asarray(labels)[..., None], -1)[..., 0]
-  if entropy.ndim == 2:
-    entropy, ce = entropy.sum(-1), ce.sum(-1)
   return entropy, ce
 
 
@@ -142,6 +144,7 @@ def test_classification_student_objective_without_logits_term_matches_numpy(task
   h_s, ce_s = np_entropy_and_ce(student["output"], labels)
   h_t, _ = np_entropy_and_ce(teacher["output"], labels)
   mse = np.mean((np.asarray(student["embedding"]) - np.asarray(teacher["embedding"])) ** 2)
+  # SUGR per row (per emotion for multilabel), rows averaged: the mean over every row.
   expected = mse + 2.0 * np.mean(np.abs(h_t - h_s) * ce_s) + 0.05 * np_kl(student)
   np.testing.assert_allclose(loss, expected, rtol=1e-5)
 
@@ -215,6 +218,75 @@ def test_teacher_variants_of_table_14_build():
   config.loss.contrastive = "simclr"
   with pytest.raises(ValueError, match="contrastive"):
     mcur.build(config, spec)
+
+
+def parse_command_line(*overrides, name="mcur_mosei.py:tiny"):
+  """The config `python -m mer_jax.train --config configs/NAME ...overrides` would run."""
+  argv = ["train", f"--config={os.path.join(REPO, 'configs', name)}", *overrides]
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True,
+                                  sys_argv=argv)
+  values(argv)
+  return values.config
+
+
+# Table 9 (A.5.3) and the datasets' widths; BERT-base without pooler (108,891,648) counted
+# for MOSI and MOSEI, GloVe features for IEMOCAP.
+TABLE_9 = {"mcur_mosi.py": (112_627_841, (768, 5, 20), "regression", 1),
+           "mcur_mosei.py": (116_421_953, (768, 74, 35), "regression", 1),
+           "mcur_iemocap.py": (624_654, (300, 74, 35), "multilabel_binary", 4)}
+
+
+@pytest.mark.parametrize("name", sorted(TABLE_9))
+def test_parameter_counts_match_table_9(name):
+  published, dims, task, classes = TABLE_9[name]
+  config = load_config(name, "")
+  bert_params = 0
+  if config.model.text_encoder == "bert":
+    encoder = bert.BertModel(bert.BertConfig(), use_pooler=False)  # bert-base-uncased
+    bert_params = text_encoder.parameter_counts(jax.eval_shape(lambda: encoder.init(
+        jax.random.key(0), jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), bool))["params"]))[
+            "num_params"]
+    assert bert_params == 108_891_648
+    config.model.text_encoder = "features"
+  spec = DataSpec(name, task, classes, dims=dims, lengths=(20, 20, 20))
+  model = mcur.build_model(config, spec)
+  params = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)},
+                                             random_batch(spec, 2), train=False)["params"])
+  total = text_encoder.parameter_counts(params)["num_params"] + bert_params
+  assert abs(total - published) <= 0.01 * published, (total, published)
+  # The derivation of docs/methods.md: exactly D^2 - D above the published count.
+  width = config.model.width
+  assert total - published == width * width - width
+
+
+def test_ungated_task_term_and_detached_sugr_weight_from_the_command_line():
+  config = parse_command_line("--config.loss.task_weight=0.5",
+                              "--config.loss.sugr_detach_weight=True")
+  assert (config.loss.task_weight, config.loss.sugr_detach_weight) == (0.5, True)
+  student, teacher, labels, combos = outputs("regression", seed=4)
+  key = jax.random.key(0)
+  plain = loss_config(use_cl=False)
+  gated = loss_config(use_cl=False, task_weight=0.5, sugr_detach_weight=True)
+  base, _ = mcur.student_objective(student, teacher, labels, combos, task="regression",
+                                   loss_config=plain, key=key)
+  loss, metrics = mcur.student_objective(student, teacher, labels, combos, task="regression",
+                                         loss_config=gated, key=key)
+  task = np.mean(np.abs(np.asarray(labels, np.float64) - np.asarray(student["output"])))
+  np.testing.assert_allclose(loss - base, 0.5 * task, rtol=1e-4)
+  np.testing.assert_allclose(metrics["loss_task"], task, rtol=1e-5)
+
+  def grad(cfg):
+    return jax.grad(lambda out: mcur.student_objective(
+        dict(student, output=out), teacher, labels, combos, task="regression",
+        loss_config=cfg, key=key)[0])(student["output"])
+
+  y, y_s, y_t = (np.asarray(a, np.float64) for a in (labels, student["output"],
+                                                     teacher["output"]))
+  weight = np.abs((y - y_t) ** 2 - (y - y_s) ** 2)
+  detached = loss_config(use_cl=False, sugr_detach_weight=True)
+  np.testing.assert_allclose(grad(detached), 2.0 * weight * (-np.sign(y - y_s) + 2 * (y_s - y_t))
+                             / len(y), rtol=1e-4, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- training

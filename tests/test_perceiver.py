@@ -1,6 +1,9 @@
 """Perceiver encoder and the shared MCUR/CMAD backbone: shapes, padding invariance,
-frame-order invariance, absent modalities, and the vmapped Perceivers matching three
-separate ones."""
+frame-order invariance, absent modalities, the vmapped Perceivers matching three
+separate ones, attention with an inner width of its own, scanned layer stacks against
+the unrolled ones, and the whole official-architecture forward against numpy."""
+
+import functools
 
 import chex
 import flax
@@ -8,10 +11,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.special
 from helpers import random_batch, tiny_spec
 
+from mer_jax.nn.attention import MultiHeadAttention, TransformerEncoder, attention_mask
 from mer_jax.nn.fusion import PerceiverFusion
 from mer_jax.nn.perceiver import Perceiver
+from mer_jax.nn.stack import stack_unrolled_params
 
 PERCEIVER = dict(num_latents=3, depth=2, cross_heads=1, latent_heads=2, mlp_dim=16, dropout=0.0)
 
@@ -23,8 +29,23 @@ def sequence(batch_size=3, length=7, width=8, real=(7, 4, 1), seed=0):
   return x, mask
 
 
-def init(module, *args, seed=0):
-  return module.init({"params": jax.random.key(seed)}, *args, train=False)["params"]
+def init(module, *args, seed=0, **kwargs):
+  """Params of `module` without compiling its initialisers (the RNG programs dominate a
+  CPU test's time): shapes from `jax.eval_shape`, values drawn in numpy, LayerNorms at
+  their initial scale 1 and bias 0."""
+  shapes = jax.eval_shape(
+      lambda: module.init({"params": jax.random.key(seed)}, *args, train=False,
+                          **kwargs)["params"])
+  rng = np.random.default_rng(seed)
+
+  def fill(node):
+    if "scale" in node:
+      return {k: (np.ones if k == "scale" else np.zeros)(v.shape, np.float32)
+              for k, v in node.items()}
+    return {k: fill(v) if isinstance(v, dict) else
+            (0.4 * rng.normal(size=v.shape)).astype(np.float32) for k, v in node.items()}
+
+  return fill(shapes)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +64,10 @@ def test_output_shape_and_normalisation(perceiver):
   chex.assert_shape(out, (3, 8))
   chex.assert_tree_all_finite(out)
   chex.assert_shape(params["latents"], (3, 8))
-  assert sorted(k for k in params if k.startswith("cross")) == ["cross0", "cross1"]
+  # Scanned layers: one array per parameter kind with a leading depth axis.
+  assert sorted(params) == ["latents", "layers", "norm_out"]
+  assert sorted(params["layers"]) == ["cross", "latent0"]
+  chex.assert_shape(params["layers"]["cross"]["attn"]["query"]["kernel"], (2, 8, 1, 8))
   # The final LayerNorm normalises each output vector (unit scale, zero bias at init).
   np.testing.assert_allclose(out.mean(-1), 0.0, atol=1e-5)
   np.testing.assert_allclose(out.std(-1), 1.0, atol=1e-2)
@@ -52,8 +76,9 @@ def test_output_shape_and_normalisation(perceiver):
 def test_shared_weights_use_one_set_of_blocks():
   x, mask = sequence(batch_size=1, length=3, real=(3,))
   params = jax.eval_shape(lambda: init(Perceiver(**PERCEIVER, share_weights=True), x, mask))
-  assert sorted(k for k in params if k.startswith(("cross", "latent"))) == [
-      "cross0", "latent0_0", "latents"]
+  # No depth axis: the one set of layer weights is applied by every layer.
+  assert sorted(params) == ["latents", "layers_0", "norm_out"]
+  chex.assert_shape(params["layers_0"]["cross"]["attn"]["query"]["kernel"], (8, 1, 8))
 
 
 def test_values_at_padded_frames_never_change_the_output(perceiver):
@@ -92,16 +117,19 @@ def test_dropout_only_in_training():
   x, mask = sequence(batch_size=2, length=4, real=(4, 2))
   module = Perceiver(**dict(PERCEIVER, depth=1, dropout=0.5))
   params = init(module, x, mask)
-  a = module.apply({"params": params}, x, mask, train=False)
-  b = module.apply({"params": params}, x, mask, train=False)
-  c = module.apply({"params": params}, x, mask, train=True, rngs={"dropout": jax.random.key(3)})
+  apply = jax.jit(lambda p, key, train: module.apply({"params": p}, x, mask, train=train,
+                                                     rngs={"dropout": key}),
+                  static_argnums=2)
+  a = apply(params, jax.random.key(3), False)
+  b = apply(params, jax.random.key(4), False)
+  c = apply(params, jax.random.key(3), True)
   chex.assert_trees_all_close(a, b)
   assert not np.allclose(a, c, atol=1e-3)
 
 
 BACKBONE = dict(width=8, kernel_sizes=(3, 1, 1), num_latents=2, perceiver_depth=1,
                 cross_heads=1, latent_heads=2, perceiver_mlp_dim=16, fusion_layers=1,
-                fusion_heads=2, fusion_mlp_dim=16, mlp_layers=2, dropout=0.0)
+                fusion_heads=2, fusion_mlp_dim=16, mlp_layers=2)
 
 
 @pytest.fixture(scope="module")
@@ -150,3 +178,204 @@ def test_vmapped_perceivers_equal_three_separate_perceivers(backbone):
     own = jax.tree.map(lambda p, i=index: p[i], params["perceivers"])
     expected = single.apply({"params": own}, sequence_m, batch[f"{name}_mask"], train=False)
     chex.assert_trees_all_close(out["unimodal"][:, index], expected, atol=1e-5)
+
+
+# ------------------------------------------------------- attention width, scan, references
+
+
+def np_layer_norm(x, p, eps=1e-6):
+  mean = x.mean(-1, keepdims=True)
+  var = ((x - mean) ** 2).mean(-1, keepdims=True)
+  return (x - mean) / np.sqrt(var + eps) * p["scale"] + p["bias"]
+
+
+def np_dense(x, p):
+  return x @ p["kernel"] + p.get("bias", 0.0)
+
+
+def np_attention(queries, keys, p, mask=None):
+  """Multi-head attention from the flax param layout: (B, Tq, D) x (B, Tk, E) -> (B, Tq, D)."""
+  def project(x, q):
+    out = np.einsum("bte,ehd->bthd", x, q["kernel"])
+    return out + q["bias"] if "bias" in q else out
+  q, k, v = project(queries, p["query"]), project(keys, p["key"]), project(keys, p["value"])
+  logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+  if mask is not None:
+    logits = np.where(mask[:, None, None, :], logits, -1e30)
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  h = np.einsum("bhqk,bkhd->bqhd", weights, v)
+  return np.einsum("bqhd,hdo->bqo", h, p["out"]["kernel"]) + p["out"]["bias"]
+
+
+def np_feed_forward(x, p, activation):
+  h = np_dense(x, p["in"])
+  if activation == "geglu":
+    value, gate = np.split(h, 2, axis=-1)
+    h = value * 0.5 * gate * (1 + scipy.special.erf(gate / np.sqrt(2)))
+  else:
+    h = np.maximum(h, 0.0)
+  return np_dense(h, p["out"])
+
+
+def np_perceiver(x, mask, p):
+  """Pre-norm GEGLU Perceiver with scanned params (leading depth axis)."""
+  x = np.where(mask[..., None], x, 0.0)
+  h = np.broadcast_to(p["latents"], (x.shape[0],) + p["latents"].shape)
+  layers = p["layers"]
+  for i in range(jax.tree.leaves(layers)[0].shape[0]):
+    layer = jax.tree.map(lambda a, i=i: a[i], layers)
+    cross = layer["cross"]
+    h = h + np_attention(np_layer_norm(h, cross["norm_q"]), np_layer_norm(x, cross["norm_k"]),
+                         cross["attn"], mask)
+    h = h + np_feed_forward(np_layer_norm(h, cross["norm_ff"]), cross["ff"], "geglu")
+    latent = layer["latent0"]
+    a = np_layer_norm(h, latent["norm_attn"])
+    h = h + np_attention(a, a, latent["attn"])
+    h = h + np_feed_forward(np_layer_norm(h, latent["norm_ff"]), latent["ff"], "geglu")
+  return np_layer_norm(h.mean(1), p["norm_out"])
+
+
+def np_conv_same(x, p):
+  kernel = p["kernel"]  # (k, in, out)
+  pad = (kernel.shape[0] - 1) // 2
+  padded = np.pad(x, ((0, 0), (pad, kernel.shape[0] - 1 - pad), (0, 0)))
+  out = sum(padded[:, j:j + x.shape[1]] @ kernel[j] for j in range(kernel.shape[0]))
+  return out + p.get("bias", 0.0)
+
+
+def np_backbone(batch, p, *, absent_modality):
+  """The official CMAD backbone (bias-free projections and Perceiver q/k/v, post-norm ReLU
+  fusion, Linear -> ReLU fused layer) computed independently in numpy (float64)."""
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
+  tokens, present = [], []
+  for index, name in enumerate(("text", "audio", "vision")):
+    mask = batch[f"{name}_mask"] & batch["modality_mask"][:, index:index + 1]
+    x = np.where(mask[..., None], batch[name], 0.0)
+    x = np.where(mask[..., None], np_conv_same(x, p[f"proj_{name}"]["conv"]), 0.0)
+    own = jax.tree.map(lambda a, i=index: a[i], p["perceivers"])
+    tokens.append(np_perceiver(x, mask, own))
+    present.append(mask.any(1))
+  h, present = np.stack(tokens, 1), np.stack(present, 1)
+  key_mask = present if absent_modality == "mask" else None
+  layers = p["fusion"]["layers"]
+  for i in range(jax.tree.leaves(layers)[0].shape[0]):
+    layer = jax.tree.map(lambda a, i=i: a[i], layers)
+    h = np_layer_norm(h + np_attention(h, h, layer["attn"], key_mask), layer["norm_attn"])
+    h = np_layer_norm(h + np_feed_forward(h, layer["ff"], "relu"), layer["norm_ff"])
+  if absent_modality == "mask":
+    h = np.where(present[..., None], h, 0.0)
+  return np.maximum(np_dense(h.reshape(len(h), -1), p["mlp0"]), 0.0)
+
+
+OFFICIAL = dict(width=8, kernel_sizes=(3, 1, 1), projection_bias=False, num_latents=3,
+                perceiver_depth=2, cross_heads=2, cross_head_dim=5, latent_heads=2,
+                latent_head_dim=5, perceiver_mlp_dim=12, perceiver_qkv_bias=False,
+                fusion_layers=2, fusion_heads=2, fusion_mlp_dim=20, fusion_activation="relu",
+                fusion_norm="post", fusion_dropout=0.1, mlp_layers=1, fused_activation="relu",
+                fused_dropout=0.3, activate_fused=True, position_embedding=False,
+                modality_embedding=False)
+
+
+@pytest.fixture(scope="module")
+def official():
+  """(module, params, batch) of the official-architecture backbone, sample 2 without audio."""
+  spec = tiny_spec(lengths=(6, 9, 4))
+  batch = random_batch(spec, batch_size=3, real_lengths=([6, 2, 1], [9, 5, 3], [1, 4, 2]))
+  batch["modality_mask"] = np.array([[True, True, True], [True, True, False],
+                                     [True, False, True]])
+  module = PerceiverFusion(**OFFICIAL)
+  return module, init(module, batch), batch
+
+
+@pytest.mark.parametrize("absent_modality", ["zero", "mask"])
+def test_backbone_forward_matches_a_numpy_reference(official, absent_modality):
+  module, params, batch = official
+  module = module.clone(absent_modality=absent_modality)
+  out = jax.jit(lambda p, b: module.apply({"params": p}, b, train=False))(params, batch)
+  np.testing.assert_allclose(out["fused"], np_backbone(batch, params,
+                                                       absent_modality=absent_modality),
+                             rtol=2e-4, atol=2e-5)
+  # The inner width (2 heads x 5) is independent of D = 8; the Perceiver has no q/k/v bias.
+  attn = params["perceivers"]["layers"]["cross"]["attn"]
+  chex.assert_shape(attn["query"]["kernel"], (3, 2, 8, 2, 5))
+  assert "bias" not in attn["query"] and "bias" in attn["out"]
+  assert "pos_text" not in params and "modality_embedding" not in params
+
+
+def test_absent_modality_modes(official):
+  module, params, batch = official
+  for mode in ("zero", "mask"):
+    apply = jax.jit(lambda b, m=mode: module.clone(absent_modality=m).apply(
+        {"params": params}, b, train=False))
+    a = apply(batch)
+    # An absent modality's stored features never reach the output...
+    audio, vision = batch["audio"].copy(), batch["vision"].copy()
+    audio[2] += 5.0  # sample 2 has no audio, sample 1 no vision
+    vision[1] -= 3.0
+    b = apply(dict(batch, audio=audio, vision=vision))
+    chex.assert_trees_all_close(a["fused"], b["fused"], atol=1e-5)
+    # ...but only "mask" removes its (constant) token from the fusion.
+    zeroed = np.asarray(a["tokens"][2, 1])
+    assert np.allclose(zeroed, 0.0) == (mode == "mask")
+
+
+def test_attention_inner_width_matches_numpy():
+  rng = np.random.default_rng(5)
+  queries = rng.normal(size=(2, 3, 8)).astype(np.float32)
+  keys = rng.normal(size=(2, 5, 6)).astype(np.float32)
+  key_mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)
+  mask = attention_mask(np.ones((2, 3), bool), key_mask)
+  for qkv_bias in (True, False):
+    module = MultiHeadAttention(num_heads=3, head_dim=4, qkv_bias=qkv_bias)
+    params = init(module, queries, keys, mask=mask)
+    chex.assert_shape(params["key"]["kernel"], (6, 3, 4))
+    assert ("bias" in params["query"]) == qkv_bias
+    got = module.apply({"params": params}, queries, keys, mask=mask, train=False)
+    want = np_attention(queries.astype(np.float64), keys.astype(np.float64),
+                        jax.tree.map(lambda a: np.asarray(a, np.float64), params), key_mask)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def _unrolled(params, depth, name="layers", axis=0):
+  """Scanned params (`name` with the layer axis at `axis`) -> the unrolled `name_{i}`."""
+  out = {k: v for k, v in params.items() if k != name}
+  for i in range(depth):
+    out[f"{name}_{i}"] = jax.tree.map(lambda a, i=i: jnp.take(a, i, axis=axis), params[name])
+  return out
+
+
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_scanned_transformer_encoder_equals_the_unrolled_one(norm):
+  x, mask = sequence()
+  scanned = TransformerEncoder(3, 2, 16, norm=norm, activation="relu", head_dim=3)
+  params = init(scanned, x, mask)
+  chex.assert_shape(params["layers"]["attn"]["query"]["kernel"], (3, 8, 2, 3))
+  unrolled = _unrolled(params, 3)
+  apply = lambda m, p: m.apply({"params": p}, x, mask, train=False)
+  chex.assert_trees_all_close(jax.jit(functools.partial(apply, scanned))(params),
+                              jax.jit(functools.partial(apply, scanned.clone(scan=False)))(
+                                  unrolled), atol=1e-5)
+  chex.assert_trees_all_close(stack_unrolled_params(unrolled, 3), params)
+  if norm == "post":  # with remat: the same values and gradients
+    loss = lambda m: jax.jit(jax.value_and_grad(lambda p: jnp.sum(apply(m, p) ** 2)))(params)
+    chex.assert_trees_all_close(loss(scanned), loss(scanned.clone(remat=True)), atol=1e-5)
+
+
+def test_scanned_perceiver_and_backbone_equal_the_unrolled_ones(official):
+  x, mask = sequence()
+  scanned = Perceiver(**PERCEIVER)
+  params = init(scanned, x, mask)
+  apply = lambda m, p: m.apply({"params": p}, x, mask, train=False)
+  chex.assert_trees_all_close(
+      jax.jit(functools.partial(apply, scanned))(params),
+      jax.jit(functools.partial(apply, scanned.clone(scan=False)))(_unrolled(params, 2)),
+      atol=1e-5)
+  module, params, batch = official
+  # the vmapped Perceivers' depth axis is axis 1, under the modality axis
+  unrolled = dict(params, fusion=_unrolled(params["fusion"], 2),
+                  perceivers=_unrolled(params["perceivers"], 2, axis=1))
+  apply = lambda m, p: m.apply({"params": p}, batch, train=False)
+  chex.assert_trees_all_close(
+      jax.jit(functools.partial(apply, module))(params),
+      jax.jit(functools.partial(apply, module.clone(scan=False)))(unrolled), atol=1e-5)

@@ -1,6 +1,7 @@
 r"""CMAD on MOSEI: the hyper-parameters of the supplement's section 7.6 (Fig. 11).
 
     python -m mer_jax.sweep --config configs/cmad_mosei.py --space configs/sweeps/cmad_mosei.py \
+        --config.model.text_encoder_path=/models/bert-base-uncased \
         --trials 50 --workdir runs/sweep_cmad_mosei
 
 The supplement varies phi (regression auxiliary scale), gamma (auxiliary weight), sigma

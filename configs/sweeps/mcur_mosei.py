@@ -1,6 +1,7 @@
 r"""MCUR A.2.3: the grid searched during the student's training on MOSEI.
 
     python -m mer_jax.sweep --config configs/mcur_mosei.py --space configs/sweeps/mcur_mosei.py \
+        --config.model.text_encoder_path=/models/bert-base-uncased \
         --trials 180 --workdir runs/sweep_mcur_mosei
 
 The student's learning rate x gamma (MCB-CL weight) x zeta (SUGR weight): 5 x 6 x 6 = 180

@@ -6,9 +6,12 @@ stop-gradient is applied here (SUGR's uncertainty term is differentiated through
 sides, as the paper writes it).
 
 Task kinds (SPEC section 4): regression outputs (B,); classification logits (B, K) with
-int labels (B,); multilabel_binary logits (B, K, 2) with int labels (B, K) in {0, 1},
-for which every per-head quantity (entropy, cross-entropy, DKD) is summed over the K
-emotion heads.
+int labels (B,); multilabel_binary logits (B, K, 2) with int labels (B, K) in {0, 1}.
+For multilabel_binary every (sample, emotion) pair is one 2-class row: entropy,
+cross-entropy, DKD and SUGR's weighted product are computed per row and averaged over
+the K emotions (SPEC section 7; the official CMAD `loss.py` and MulT flatten the logits
+to (B*K, 2) and take the mean, so a sum would weight these terms K times against the
+sample-level ones).
 """
 
 from __future__ import annotations
@@ -29,9 +32,9 @@ def _as_vector(x):
   return jnp.reshape(x, (x.shape[0],)).astype(jnp.float32)
 
 
-def _sum_over_heads(x):
-  """(B, ...) -> (B,): sums per-emotion-head values (no-op for (B,))."""
-  return jnp.reshape(x, (x.shape[0], -1)).sum(axis=-1)
+def _mean_over_heads(x):
+  """(B, ...) -> (B,): averages per-emotion-head rows (no-op for (B,))."""
+  return jnp.reshape(x, (x.shape[0], -1)).mean(axis=-1)
 
 
 def dkd(student_logits, teacher_logits, labels, *, alpha, beta, temperature):
@@ -51,8 +54,14 @@ def dkd(student_logits, teacher_logits, labels, *, alpha, beta, temperature):
     temperature: T > 0.
 
   Returns:
-    (B,) float32; for rank-3 logits, summed over the K heads.
+    (B,) float32; for rank-3 logits, the mean over the K heads.
   """
+  return _mean_over_heads(_dkd_rows(student_logits, teacher_logits, labels, alpha=alpha,
+                                    beta=beta, temperature=temperature))
+
+
+def _dkd_rows(student_logits, teacher_logits, labels, *, alpha, beta, temperature):
+  """DKD per row: (B,) for (B, C) logits, (B, K) for (B, K, C)."""
   num_classes = student_logits.shape[-1]
   target = jax.nn.one_hot(labels, num_classes, dtype=bool)
   log_p_s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
@@ -72,32 +81,32 @@ def dkd(student_logits, teacher_logits, labels, *, alpha, beta, temperature):
   log_q_t = jax.nn.log_softmax(jnp.where(target, _MASKED_LOGIT, log_p_t), axis=-1)
   nckd = jnp.sum(jnp.exp(log_q_t) * (log_q_t - log_q_s), axis=-1)
 
-  per_head = (alpha * tckd + beta * nckd) * temperature**2
-  return _sum_over_heads(per_head)
+  return (alpha * tckd + beta * nckd) * temperature**2
 
 
-def _entropy(logits):
-  """Softmax entropy over the last axis, summed over any emotion heads: (B,)."""
+def _entropy_rows(logits):
+  """Softmax entropy over the last axis, per row: (B,) or (B, K)."""
   log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  return _sum_over_heads(-jnp.sum(jnp.exp(log_p) * log_p, axis=-1))
+  return -jnp.sum(jnp.exp(log_p) * log_p, axis=-1)
 
 
-def _cross_entropy(logits, labels):
-  """Softmax cross-entropy with int labels, summed over any emotion heads: (B,)."""
-  return _sum_over_heads(
-      optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels))
+def _cross_entropy_rows(logits, labels):
+  """Softmax cross-entropy with int labels, per row: (B,) or (B, K)."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
 
 
 def sugr(student_out, teacher_out, targets, *, task, alpha=0.5, temperature=1.0,
-         use_uncertainty=True, use_logits=True):
+         use_uncertainty=True, use_logits=True, detach_weight=False):
   """Sample-wise uncertainty-guided regularisation (MCUR Eq. 7-14), per sample.
 
-    H        = softmax entropy (classification; summed over heads for multilabel)
-               or (y - y_hat)^2 (regression)                                (Eq. 7-8)
+    H        = softmax entropy (classification) or (y - y_hat)^2 (regression)  (Eq. 7-8)
     L_uncer  = |H(teacher) - H(student)|                                    (Eq. 9)
     L_logits = (y_s - y_t)^2 (regression) or DKD with beta = 1 - alpha      (Eq. 10-11)
     L_task   = |y - y_s| (regression) or cross-entropy                      (Eq. 12-13)
     L_SUGR   = L_uncer * (L_task + L_logits)                                (Eq. 14)
+
+  Multilabel-binary: every quantity, the product included, is computed per (sample,
+  emotion) row and the rows' L_SUGR are averaged over the emotions.
 
   Args:
     student_out: regression (B,) (or (B, 1)); classification (B, K); multilabel (B, K, 2).
@@ -108,6 +117,8 @@ def sugr(student_out, teacher_out, targets, *, task, alpha=0.5, temperature=1.0,
     temperature: DKD temperature (entropy and cross-entropy use temperature 1).
     use_uncertainty: False replaces L_uncer by 1 (MCUR Table 2, "w/o L_Uncer").
     use_logits: False drops L_logits (MCUR Table 2, "w/o L_Logits").
+    detach_weight: stop the gradient through L_uncer, so that it only weights the other
+      terms (Eq. 14 as written differentiates it; False by default).
 
   Returns:
     (B,) float32.
@@ -123,16 +134,18 @@ def sugr(student_out, teacher_out, targets, *, task, alpha=0.5, temperature=1.0,
     if student_out.ndim != expected_rank:
       raise ValueError(f"sugr task {task!r} expects rank-{expected_rank} logits, got shape "
                        f"{student_out.shape}")
-    h_s, h_t = _entropy(student_out), _entropy(teacher_out)
-    logits_term = dkd(student_out, teacher_out, targets, alpha=alpha, beta=1.0 - alpha,
-                      temperature=temperature)
-    task_term = _cross_entropy(student_out, targets)
+    h_s, h_t = _entropy_rows(student_out), _entropy_rows(teacher_out)
+    logits_term = _dkd_rows(student_out, teacher_out, targets, alpha=alpha, beta=1.0 - alpha,
+                            temperature=temperature)
+    task_term = _cross_entropy_rows(student_out, targets)
   else:
     raise ValueError(f"unknown task {task!r}")
   weight = jnp.abs(h_t - h_s) if use_uncertainty else jnp.ones_like(task_term)
+  if detach_weight:
+    weight = jax.lax.stop_gradient(weight)
   if not use_logits:
     logits_term = jnp.zeros_like(task_term)
-  return weight * (task_term + logits_term)
+  return _mean_over_heads(weight * (task_term + logits_term))
 
 
 def _cosine_matrix(a, b, eps=1e-8):
@@ -146,7 +159,19 @@ def _cosine_matrix(a, b, eps=1e-8):
   return normalize(a.astype(jnp.float32)) @ normalize(b.astype(jnp.float32)).T
 
 
-def cafd(student_emb, teacher_emb, *, tau):
+CAFD_MODES = ("full", "mse_only", "sim_only", "correlation")
+
+
+def _symmetric_row_kl(logits_a, logits_b):
+  """(KL(softmax(a_i) || softmax(b_i)) + KL(softmax(b_i) || softmax(a_i))) / 2 per row."""
+  log_p = jax.nn.log_softmax(logits_a, axis=-1)
+  log_q = jax.nn.log_softmax(logits_b, axis=-1)
+  kl_pq = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+  kl_qp = jnp.sum(jnp.exp(log_q) * (log_q - log_p), axis=-1)
+  return (kl_pq + kl_qp) / 2
+
+
+def cafd(student_emb, teacher_emb, *, tau, mode="full"):
   """Correlation-aware feature distillation (CMAD, in the form of its public code).
 
   With s, t the (B, D) student and teacher fused embeddings:
@@ -155,30 +180,41 @@ def cafd(student_emb, teacher_emb, *, tau):
     diff     = |S_tt - S_st|;  l_struct = trace(diff) / sum(diff)  (0 if sum(diff) = 0)
     bikl_i   = (KL(P_i || Q_i) + KL(Q_i || P_i)) / 2, P_i = softmax(S_tt[i] / tau),
                Q_i = softmax(S_st[i] / tau)
-    L_CAFD   = mean_i(bikl_i * mse_i) + l_struct
+    full        L_CAFD = mean_i(bikl_i * mse_i) + l_struct  (`compute_weighted_mse_loss`)
+  and the supplement's Sec. 7.3 ablations (Tables 7-10), as the official code logs them:
+    mse_only    mean_i mse_i                           (feature consistency L^MSE alone)
+    sim_only    mean_i bikl_i + l_struct               (correlation consistency alone)
+    correlation mean_i bikl(S_ss[i] / tau, S_tt[i] / tau), S_ss = cos(s_i, s_j): the
+                teacher's sample correlations transferred directly to the student's
+                (`compute_correlation_loss`)
 
   Args:
     student_emb: (B, D) float.
     teacher_emb: (B, D) float.
     tau: softmax temperature of the correlation rows.
+    mode: one of `CAFD_MODES`.
 
   Returns:
     Scalar float32 loss.
   """
+  if mode not in CAFD_MODES:
+    raise ValueError(f"config.loss.cafd_mode must be one of {CAFD_MODES}, got {mode!r}")
   s = student_emb.astype(jnp.float32)
   t = teacher_emb.astype(jnp.float32)
   mse = jnp.mean(jnp.square(s - t), axis=-1)
-  sim_st = _cosine_matrix(s, t)
   sim_tt = _cosine_matrix(t, t)
+  if mode == "mse_only":
+    return jnp.mean(mse)
+  if mode == "correlation":
+    return jnp.mean(_symmetric_row_kl(sim_tt / tau, _cosine_matrix(s, s) / tau))
+  sim_st = _cosine_matrix(s, t)
   diff = jnp.abs(sim_tt - sim_st)
   total = jnp.sum(diff)
   # Identical correlations give 0/0: no structural mismatch, so the term is 0.
   l_struct = jnp.where(total > 0, jnp.trace(diff) / jnp.where(total > 0, total, 1.0), 0.0)
-  log_p = jax.nn.log_softmax(sim_tt / tau, axis=-1)
-  log_q = jax.nn.log_softmax(sim_st / tau, axis=-1)
-  kl_pq = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
-  kl_qp = jnp.sum(jnp.exp(log_q) * (log_q - log_p), axis=-1)
-  bikl = (kl_pq + kl_qp) / 2
+  bikl = _symmetric_row_kl(sim_tt / tau, sim_st / tau)
+  if mode == "sim_only":
+    return jnp.mean(bikl) + l_struct
   return jnp.mean(bikl * mse) + l_struct
 
 
@@ -202,7 +238,9 @@ def mar_init(num_combinations: int = NUM_COMBINATIONS):
 
 
 def mar_difficulty(student_task_loss, teacher_task_loss):
-  """Per-sample difficulty difference d_i = relu(l_s,i - l_t,i) (Table 5, Eq. 6-7): (B,)."""
+  """Difficulty difference d = relu(l_s - l_t) (Table 5, Eq. 6-7), elementwise: per sample
+  (B,), or per (sample, emotion) row (B, K) for multilabel heads (the caller averages the
+  rows over the emotions)."""
   return jax.nn.relu(student_task_loss.astype(jnp.float32)
                      - teacher_task_loss.astype(jnp.float32))
 

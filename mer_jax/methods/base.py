@@ -27,11 +27,25 @@ class StageContext:
   frozen: params of earlier stages (the teacher for a student stage), never trained.
   frozen_state: their method state.
   epoch: current epoch (traced int32), for schedules such as MAR's epoch threshold.
+  teacher_outputs: the frozen teacher's outputs (`Stage.teacher_forward`) for every row
+    of the training split, leading axis = the row (`batch["index"]`), computed once per
+    stage by the trainer; None = the loss runs the teacher on each batch.
   """
 
   frozen: PyTree = None
   frozen_state: PyTree = None
   epoch: jax.Array | int = 0
+  teacher_outputs: PyTree = None
+
+
+def frozen_teacher_outputs(context: StageContext, batch, teacher_forward: Callable):
+  """The frozen teacher's outputs for `batch`: its rows of `context.teacher_outputs` when
+  the trainer computed them for the split, else `teacher_forward(context.frozen, batch)`.
+  Both are the same numbers (the teacher is deterministic and reads the clean batch)."""
+  if context.teacher_outputs is not None:
+    rows = batch["index"]
+    return jax.tree.map(lambda values: values[rows], context.teacher_outputs)
+  return teacher_forward(context.frozen, batch)
 
 
 def _no_state():
@@ -66,6 +80,13 @@ class Stage:
       (the official CMAD teacher is the last epoch of its run).
     selection_scenarios: the validation scenarios "best" selects on (None:
       `config.train.selection_scenarios`; see `trainer.validate`).
+    grad_clip: this stage's global-norm gradient clip (0 disables); None =
+      `config.train.grad_clip` (the official CMAD teacher clips at 1.0, its student not).
+    teacher_forward: `(frozen params, batch) -> outputs` of the frozen teacher that the
+      loss reads through `frozen_teacher_outputs`, set by a stage whose teacher is
+      deterministic on the clean batch (MCUR, CMAD students): the trainer then computes
+      them once for the training split (`config.train.cache_teacher`) instead of every
+      step. None: no such teacher.
   """
 
   name: str
@@ -79,6 +100,8 @@ class Stage:
   learning_rate: float | None = None
   selection: str = "best"
   selection_scenarios: str | None = None
+  grad_clip: float | None = None
+  teacher_forward: Callable | None = None
 
   def predict(self, params, method_state, batch):
     """Deterministic forward used by validation, evaluation and prediction."""
@@ -148,4 +171,12 @@ def with_compute_dtype(stage: Stage, dtype: str) -> Stage:
                              new_state, method_state)
     return loss.astype(jnp.float32), (cast_floating(metrics, jnp.float32), new_state)
 
-  return dataclasses.replace(stage, loss_fn=loss_fn, compute_dtype=dtype)
+  teacher_forward = None
+  if stage.teacher_forward is not None:
+    def teacher_forward(frozen, batch):
+      # As the per-step teacher inside `loss_fn`: computed in `dtype`, outputs float32.
+      with nn.intercept_methods(_float32_top_level_outputs):
+        return stage.teacher_forward(cast_floating(frozen, dtype), cast_features(batch, dtype))
+
+  return dataclasses.replace(stage, loss_fn=loss_fn, compute_dtype=dtype,
+                             teacher_forward=teacher_forward)

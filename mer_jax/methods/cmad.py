@@ -1,16 +1,20 @@
 """CMAD: Correlation-aware and Modalities-aware Distillation (cmad_supplementary.txt),
 as SPEC section 7 decides it.
 
-Two stages, one architecture (Sec. 6.1): Conv1D + Perceiver per modality, a 2-layer
-transformer over the modality tokens and a linear fusion layer
-(`nn.fusion.PerceiverFusion` with one MLP layer) give the fused embedding E (B, D); a
-linear classifier predicts. No VIB.
+Two stages, one architecture (Sec. 6.1), the official code's (YetZzzzzz/CMAD
+`student_model.py`, `mcur.official_backbone`): Conv1D + Perceiver per modality, a 2-layer
+post-norm transformer over the modality tokens and the fused layer Linear(3D -> D) ->
+Dropout -> ReLU (`nn.fusion.PerceiverFusion`) give the fused embedding E (B, D); a linear
+classifier predicts. No VIB. Training as the official scripts (docs/decisions.md): the
+teacher clips gradients at 1.0 and keeps its last epoch, the student trains without
+dropout (`model.student_train_mode = False`) and keeps its best full-modality dev F1.
 
   teacher: L = mean L_task (MAE for regression, cross-entropy otherwise) on
     `config.teacher.missing` (full modalities by default).
   student: L = delta * L_CAFD + mean_i(Psi_{c_i} * task_i) + gamma * mean_i(Psi_{c_i} * aux_i)
-    on `config.missing` (training drop with probabilities (2,3,3,1,1,3,1)/14), the
-    frozen teacher run on the clean full-modality batch inside the same compiled step.
+    on `config.missing` (training drop with probabilities (2,3,3,1,1,3,1)/14), with the
+    frozen teacher's outputs on the clean full-modality batch (computed once per stage by
+    the trainer, or in the step with `config.train.cache_teacher=False`).
 
 MAR (Table 5, Algorithm 1): the per-combination memory (`losses.mar_init`) is the
 student's method state. For the first G epochs (`loss.mar_epochs`) the weights Psi are
@@ -18,7 +22,8 @@ student's method state. For the first G epochs (`loss.mar_epochs`) the weights P
 sum and count; at the end of epoch G, `end_epoch` sets Psi_c = rho * (W_c / max W)^2 and
 fixes it. The memory is checkpointed with the params, so a resumed run continues it.
 
-Ablation switches (`config.loss`): `use_cafd` ("w/o CAFD"), `use_mar` ("w/o MAR": Psi = 1),
+Ablation switches (`config.loss`): `use_cafd` ("w/o CAFD"), `cafd_mode` (Sec. 7.3:
+"full", "mse_only", "sim_only", "correlation"), `use_mar` ("w/o MAR": Psi = 1),
 `mar_on_task` / `mar_on_aux` (Table 11's L_TM / L_AM), `use_task` / `use_aux` (L_T / L_A),
 `mar_difficulty` = "relative" (d = relu(l_s - l_t)) or "student" (d = l_s, CMAD_t).
 """
@@ -34,6 +39,7 @@ from mer_jax import config_lib
 from mer_jax.data import missing
 from mer_jax.data.spec import DataSpec
 from mer_jax.losses.distillation import (
+    CAFD_MODES,
     cafd,
     dkd,
     kd_regression_aux,
@@ -43,10 +49,10 @@ from mer_jax.losses.distillation import (
     mar_update,
     mar_weights,
 )
-from mer_jax.losses.task import task_loss
+from mer_jax.losses.task import mean_over_emotions, task_loss_rows
 from mer_jax.methods import mcur
-from mer_jax.methods.base import Stage
-from mer_jax.methods.text_encoder import teacher_inputs
+from mer_jax.methods.base import Stage, frozen_teacher_outputs
+from mer_jax.methods.text_encoder import frozen_teacher_forward
 from mer_jax.nn.fusion import PerceiverFusion, perceiver_fusion_from_config
 from mer_jax.nn.heads import OutputHead
 
@@ -91,9 +97,10 @@ def finalize_mar_if_due(method_state, epoch, *, mar_epochs: int, rho: float):
   return dict(method_state, mar=memory)
 
 
-def _task_per_sample(outputs, labels, task: str):
-  """Eq. 11: MAE for regression, cross-entropy (summed over emotion heads) otherwise."""
-  return task_loss(outputs, labels, task, regression_loss="l1")
+def _task_rows(outputs, labels, task: str):
+  """Eq. 11 per row: MAE for regression, cross-entropy otherwise ((B, K) per emotion for
+  multilabel_binary)."""
+  return task_loss_rows(outputs, labels, task, regression_loss="l1")
 
 
 def student_objective(student_out, teacher_out, labels, combination_ids, memory, *, task: str,
@@ -103,8 +110,10 @@ def student_objective(student_out, teacher_out, labels, combination_ids, memory,
     L = delta * L_CAFD + mean_i(Psi_{c_i} task_i) + gamma * mean_i(Psi_{c_i} aux_i)
 
   aux = MSE(y_s / phi, y_t / phi) * phi^2 (regression) or DKD with beta = 1 - alpha
-  (classification, multilabel summed over emotion heads) (Eq. 12-13). The memory
-  accumulates the difficulties of this batch unless it is already fixed.
+  (classification) (Eq. 12-13). Multilabel-binary: task, DKD and the MAR difficulty
+  relu(l_s - l_t) are computed per (sample, emotion) row and averaged over the emotions,
+  as the official code's (B*K, 2) rows. The memory accumulates the difficulties of this
+  batch unless it is already fixed.
 
   Args:
     student_out, teacher_out: `CMADModel` outputs (teacher on full modalities).
@@ -119,10 +128,10 @@ def student_objective(student_out, teacher_out, labels, combination_ids, memory,
   """
   teacher_out = jax.tree.map(jax.lax.stop_gradient, teacher_out)
   y_s, y_t = student_out["output"], teacher_out["output"]
-  student_task = _task_per_sample(y_s, labels, task)
-  teacher_task = _task_per_sample(y_t, labels, task)
+  student_rows, teacher_rows = _task_rows(y_s, labels, task), _task_rows(y_t, labels, task)
+  student_task, teacher_task = mean_over_emotions(student_rows), mean_over_emotions(teacher_rows)
   if loss_config.mar_difficulty == "relative":
-    difficulty = mar_difficulty(student_task, teacher_task)
+    difficulty = mean_over_emotions(mar_difficulty(student_rows, teacher_rows))
   else:
     difficulty = jax.lax.stop_gradient(student_task)
   new_memory = mar_update(memory, difficulty, combination_ids)
@@ -141,8 +150,8 @@ def student_objective(student_out, teacher_out, labels, combination_ids, memory,
   zero = jnp.zeros((), jnp.float32)
   task_term = jnp.mean(task_weight * student_task) if loss_config.use_task else zero
   aux_term = jnp.mean(aux_weight * aux) if loss_config.use_aux else zero
-  cafd_term = (cafd(student_out["embedding"], teacher_out["embedding"], tau=loss_config.tau)
-               if loss_config.use_cafd else zero)
+  cafd_term = (cafd(student_out["embedding"], teacher_out["embedding"], tau=loss_config.tau,
+                    mode=loss_config.cafd_mode) if loss_config.use_cafd else zero)
   loss = (loss_config.cafd_weight * cafd_term + task_term + loss_config.aux_weight * aux_term)
 
   metrics = {"loss_cafd": cafd_term, "loss_task": task_term, "loss_aux": aux_term,
@@ -162,31 +171,24 @@ def base_config() -> ml_collections.ConfigDict:
   config = config_lib.base_config()
   config.method = "cmad"
 
-  model = config.model
-  model.width = 96  # D (Sec. 6.2, MOSEI)
-  model.kernel_sizes = (3, 1, 1)  # Conv1D per modality (L, A, V), SPEC section 7
-  model.num_latents = 5
-  model.perceiver_depth = 5  # Sec. 6.1: 5 Perceiver layers on MOSEI
-  model.cross_heads = 1
-  model.latent_heads = 8
-  model.perceiver_mlp_dim = 384  # GEGLU hidden width, 4 D as in the Perceiver
-  model.self_per_cross = 1
-  model.fusion_layers = 2  # "two-layer Transformer Encoder" (Eq. 20)
-  model.fusion_heads = 8
-  model.fusion_mlp_dim = 384
-  model.mlp_layers = 1  # "followed by a linear layer" (Eq. 20)
-  model.position_embedding = True
-  model.dropout = 0.1
+  mcur.official_backbone(config.model)  # the official student_model.py at MOSEI size
+  # The official student is never put in train mode (`from_pretrained` returns it in eval
+  # mode and `evulate` calls `model.train(False)`): it trains without dropout, BERT's
+  # included. The teacher trains with `model.train()` (its dropouts active).
+  config.model.student_train_mode = False
 
   loss = config.loss
-  loss.cafd_weight = 0.1  # delta (the supplement's sigma)
-  loss.aux_weight = 1.0  # gamma
-  loss.tau = 0.2  # CAFD temperature
-  loss.phi = 7.0  # regression auxiliary scale (Eq. 13)
+  loss.cafd_weight = 0.1  # delta (the supplement's sigma); README command --delta=0.1
+  loss.cafd_mode = "full"  # full | mse_only | sim_only | correlation (Sec. 7.3, Tables 7-10)
+  loss.aux_weight = 1.0  # gamma; --gamma=1
+  loss.tau = 0.2  # CAFD temperature; --tau=0.2
+  # Regression auxiliary scale (Eq. 13); --temperature=7.0 (the script's default is 2.0).
+  # phi cancels: MSE(y_s/phi, y_t/phi) * phi^2 = (y_s - y_t)^2 (docs/methods.md).
+  loss.phi = 7.0
   loss.dkd_alpha = 0.9  # alpha of DKD (classification / multilabel)
   loss.dkd_temperature = 1.0
-  loss.mar_epochs = 20  # G
-  loss.mar_rho = 20.0  # rho
+  loss.mar_epochs = 20  # G; --begin_epoch=20
+  loss.mar_rho = 20.0  # rho; --weights 20.0
   loss.mar_difficulty = "relative"  # relative: relu(l_s - l_t); student: l_s (CMAD_t)
   # Ablations: False removes the term / the MAR weighting.
   loss.use_cafd = True
@@ -197,11 +199,17 @@ def base_config() -> ml_collections.ConfigDict:
   loss.use_aux = True
 
   # Teacher stage: full modalities (same variants as MCUR's Table 14 are available).
-  # The teacher shares config.train (optimiser, batch size, selection) with the student.
+  # Official teacher (Teacher_Model/train_teacher_model.py, README command): 80 epochs,
+  # AdamW 2e-5, batch 128, constant rate, gradient norm clipped at 1.0.
   config.teacher = ml_collections.ConfigDict()
-  config.teacher.num_epochs = 100
-  config.teacher.learning_rate = 0.0  # 0 = config.train.learning_rate
-  config.teacher.selection = "best"  # best (on the validation split) | last epoch
+  config.teacher.num_epochs = 80
+  # The teacher's own rate (its script's --learning_rate=2e-5), pinned so that a sweep of
+  # the student's rate leaves the teacher alone; 0 = config.train.learning_rate.
+  config.teacher.learning_rate = 2e-5
+  # The teacher file is rewritten every epoch (`torch.save` in `train`), so the student
+  # reads the last epoch's teacher.
+  config.teacher.selection = "last"
+  config.teacher.grad_clip = 1.0  # torch.nn.utils.clip_grad_norm_(..., args.clip = 1.0)
   config.teacher.missing = ml_collections.ConfigDict(config.missing.to_dict())
   config.teacher.missing.kind = "none"
 
@@ -209,11 +217,23 @@ def base_config() -> ml_collections.ConfigDict:
   config.missing.kind = "drop"
   config.missing.probs = missing.CMAD_DROP
 
+  # Official student (stu_config_mosei.py + README command): AdamW 2e-5 (eps 1e-8), weight
+  # decay 1e-4 (the first of its two `weight_decay` flags sets the default), batch 128,
+  # 80 epochs, constant rate (`--schedule 180 200` lies past the last epoch, no --cos),
+  # no gradient clipping.
+  # The frozen teacher's outputs for the training split computed once per student stage
+  # (it is deterministic on the clean batch); False runs it on every batch.
+  config.train.cache_teacher = True
   config.train.optimizer = "adamw"
   config.train.learning_rate = 2e-5
-  config.train.weight_decay = 0.01
+  config.train.weight_decay = 1e-4
   config.train.batch_size = 128
-  config.train.num_epochs = 100
+  config.train.num_epochs = 80
+  config.train.schedule = "constant"
+  config.train.grad_clip = 0.0
+  # Student kept: the best dev F1 (acc2/F1 on non-zero labels) on full modalities.
+  config.train.selection_metric = "f1_non0"
+  config.train.selection_scenarios = "full"
   return config
 
 
@@ -233,6 +253,9 @@ def _validate(config):
     if missing_config.kind not in missing.TRAINING_KINDS:
       raise ValueError(f"{name}.kind must be one of {missing.TRAINING_KINDS}, got "
                        f"{missing_config.kind!r}")
+  if config.loss.cafd_mode not in CAFD_MODES:
+    raise ValueError(f"config.loss.cafd_mode must be one of {CAFD_MODES}, got "
+                     f"{config.loss.cafd_mode!r}")
   if config.loss.mar_difficulty not in MAR_DIFFICULTIES:
     raise ValueError(f"config.loss.mar_difficulty must be one of {MAR_DIFFICULTIES}, got "
                      f"{config.loss.mar_difficulty!r}")
@@ -250,6 +273,10 @@ def build(config, spec: DataSpec) -> list[Stage]:
   student_missing = config.missing
   teacher_model = build_model(config, spec)
   student_model = build_model(config, spec)
+  # False: the student's training forward is deterministic (no dropout), as the official
+  # CMAD student, which is never put in train mode (docs/decisions.md).
+  student_train_mode = bool(config.model.student_train_mode)
+  teacher_forward = frozen_teacher_forward(teacher_model)
   mar_epochs = int(loss_config.mar_epochs)
   rho = float(loss_config.mar_rho)
 
@@ -259,17 +286,17 @@ def build(config, spec: DataSpec) -> list[Stage]:
     batch, _ = missing.apply_training_protocol(missing_key, batch, teacher_missing)
     out = teacher_model.apply({"params": params}, batch, train=True,
                               rngs={"dropout": dropout_key})
-    loss = _task_per_sample(out["output"], batch["label"], task).mean()
+    loss = mean_over_emotions(_task_rows(out["output"], batch["label"], task)).mean()
     return loss, ({"loss_task": loss}, method_state)
 
   def student_loss_fn(params, method_state, batch, key, context):
     missing_key, dropout_key = jax.random.split(key)
-    # The frozen teacher sees the clean full-modality batch, deterministically.
-    teacher_out = teacher_model.apply({"params": context.frozen}, teacher_inputs(batch),
-                                      train=False)
+    # The frozen teacher on the clean full-modality batch, deterministically (computed
+    # once for the split by the trainer unless config.train.cache_teacher is False).
+    teacher_out = frozen_teacher_outputs(context, batch, teacher_forward)
     student_batch, combination_ids = missing.apply_training_protocol(
         missing_key, batch, student_missing)
-    student_out = student_model.apply({"params": params}, student_batch, train=True,
+    student_out = student_model.apply({"params": params}, student_batch, train=student_train_mode,
                                       rngs={"dropout": dropout_key})
     loss, metrics, memory = student_objective(
         student_out, teacher_out, batch["label"], combination_ids, method_state["mar"],
@@ -283,9 +310,10 @@ def build(config, spec: DataSpec) -> list[Stage]:
                   num_epochs=config.teacher.num_epochs,
                   learning_rate=float(config.teacher.learning_rate) or None,
                   selection=config.teacher.selection,
+                  grad_clip=config.teacher.get("grad_clip"),
                   trained_with_missing=teacher_missing.kind in _MISSING_KINDS)
   student = Stage(name="student", model=student_model, loss_fn=student_loss_fn,
                   init_state=init_state, end_epoch=end_epoch,
-                  num_epochs=config.train.num_epochs,
+                  num_epochs=config.train.num_epochs, teacher_forward=teacher_forward,
                   trained_with_missing=student_missing.kind in _MISSING_KINDS)
   return [teacher, student]

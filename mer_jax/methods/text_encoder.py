@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Mapping
 
 import flax.linen as nn
@@ -126,6 +127,17 @@ def teacher_inputs(batch: Mapping) -> Mapping:
   return out
 
 
+def frozen_teacher_forward(teacher_model: nn.Module) -> Callable:
+  """`Stage.teacher_forward` of a teacher/student method: the frozen teacher in evaluation
+  mode on the clean batch (`teacher_inputs`), its `output` and `embedding`."""
+
+  def forward(frozen, batch):
+    out = teacher_model.apply({"params": frozen}, teacher_inputs(batch), train=False)
+    return {"output": out["output"], "embedding": out["embedding"]}
+
+  return forward
+
+
 def _pretrained_init(path: str, encoder: bert.BertModel) -> Callable:
   """Param initialiser of the encoder: the folder's weights via a host callback (random
   BERT initialisation without a folder)."""
@@ -137,7 +149,7 @@ def _pretrained_init(path: str, encoder: bert.BertModel) -> Callable:
       return random_init()
     shapes = jax.eval_shape(random_init)
     load = functools.partial(bert.load_params, path, encoder.config,
-                             use_pooler=encoder.use_pooler)
+                             use_pooler=encoder.use_pooler, scan=encoder.scan)
     return jax.pure_callback(load, shapes)
 
   return init
@@ -183,9 +195,11 @@ def with_text_encoder(stage: Stage, encoder: bert.BertModel, tokens: bert.Specia
   def loss_fn(params, method_state, batch, key, context: StageContext):
     frozen = context.frozen
     if isinstance(frozen, Mapping) and "text_encoder" in frozen:
-      # A frozen teacher: its own encoder on the clean tokens, no gradient.
-      teacher = encode_text(encoder, frozen["text_encoder"], batch, tokens, train=False)
-      batch = dict(batch, **{TEACHER_TEXT: jax.lax.stop_gradient(teacher["text"])})
+      # A frozen teacher: its own encoder on the clean tokens, no gradient (not needed
+      # when the trainer computed the teacher's outputs for the split).
+      if context.teacher_outputs is None:
+        teacher = encode_text(encoder, frozen["text_encoder"], batch, tokens, train=False)
+        batch = dict(batch, **{TEACHER_TEXT: jax.lax.stop_gradient(teacher["text"])})
       context = dataclasses.replace(context, frozen=frozen["method"])
 
     def interceptor(next_fun, args, kwargs, call):
@@ -204,7 +218,15 @@ def with_text_encoder(stage: Stage, encoder: bert.BertModel, tokens: bert.Specia
     with nn.intercept_methods(interceptor):
       return stage.loss_fn(params["method"], method_state, batch, key, context)
 
-  return dataclasses.replace(stage, model=model, loss_fn=loss_fn)
+  teacher_forward = None
+  if stage.teacher_forward is not None:
+    def teacher_forward(frozen, batch):
+      teacher = encode_text(encoder, frozen["text_encoder"], batch, tokens, train=False)
+      return stage.teacher_forward(frozen["method"],
+                                   dict(batch, **{TEACHER_TEXT: teacher["text"]}))
+
+  return dataclasses.replace(stage, model=model, loss_fn=loss_fn,
+                             teacher_forward=teacher_forward)
 
 
 def encoder_from_config(model_config) -> tuple[bert.BertModel, bert.SpecialTokens]:
@@ -234,6 +256,18 @@ def build_with_text_encoder(build: Callable, config, spec: DataSpec) -> list[Sta
           for stage in build(config, text_spec)]
 
 
+def parameter_counts(params) -> dict[str, int]:
+  """Parameter counts of a stage's params (arrays or `jax.eval_shape` shapes): `num_params`,
+  `num_params_text_encoder` (the BERT branch; 0 without one) and
+  `num_params_without_text_encoder`."""
+  count = lambda tree: int(sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree)))
+  total = count(params)
+  text = count(params["text_encoder"]) if isinstance(params, Mapping) and (
+      "text_encoder" in params) else 0
+  return {"num_params": total, "num_params_text_encoder": text,
+          "num_params_without_text_encoder": total - text}
+
+
 def uses_text_encoder(config) -> bool:
   """Whether a run config fine-tunes a text encoder (and so reads `text_ids`)."""
   model = config.get("model") if hasattr(config, "get") else None
@@ -242,6 +276,8 @@ def uses_text_encoder(config) -> bool:
 
 __all__ = [
     "TEACHER_TEXT", "TEXT_ENCODERS", "TOKEN_KEYS", "TextEncoderModel", "build_with_text_encoder",
-    "encode_text", "encoder_from_config", "masked_token_ids", "teacher_inputs",
+    "encode_text", "encoder_from_config", "frozen_teacher_forward", "masked_token_ids",
+    "parameter_counts",
+    "teacher_inputs",
     "uses_text_encoder", "with_text_encoder",
 ]

@@ -1,24 +1,97 @@
-"""Attention building blocks shared by every method: pre-norm transformer layers,
-cross-attention, feed-forward, and the per-modality Conv1D projection.
+"""Attention building blocks shared by every method: one multi-head attention module,
+transformer layers (pre- or post-norm) and their stack, cross-attention, feed-forward,
+and the per-modality Conv1D projection.
 
 Padding is handled with boolean frame masks (True = real frame). A query whose keys
-are all padding attends uniformly over them (flax fills masked logits with the
-dtype's minimum, not -inf), so no NaN can appear; callers pool with masks afterwards.
+are all padding attends uniformly over them (masked logits become a large finite
+negative number, not -inf), so no NaN can appear; callers pool with masks afterwards.
+
+Inner width. `MultiHeadAttention` projects queries, keys and values to
+`num_heads x head_dim` (the inner width) and the result back to the query width, so the
+two widths are independent: the official CMAD code attends with 16 heads of 16 (inner
+width 256) at model width 96. `head_dim=0` gives the usual `width // num_heads`.
+
+Layer stacks. `TransformerEncoder` (and the Perceiver of `nn.perceiver`) run their
+layers through `nn.stack.layer_stack`: under `nn.scan` by default, one array per parameter
+kind with a leading layer axis, so the compiled program and the checkpoint's array count
+do not grow with depth; `scan=False` unrolls them (`layers_{i}`, the same numbers);
+`remat=True` recomputes each layer's activations in the backward pass.
 """
 
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+
+from mer_jax.nn.stack import layer_stack
+
+ACTIVATIONS = ("gelu", "geglu", "relu")
+NORMS = ("pre", "post")
 
 
 def attention_mask(query_mask, key_mask):
-  """(B, Tq), (B, Tk) bool -> (B, 1, Tq, Tk) bool mask for flax attention."""
-  return nn.make_attention_mask(query_mask, key_mask)
+  """(B, Tq), (B, Tk) bool -> (B, 1, Tq, Tk) bool mask (broadcast over heads)."""
+  return nn.make_attention_mask(query_mask, key_mask, dtype=bool)
+
+
+def _head_dim(width: int, num_heads: int, head_dim: int) -> int:
+  if head_dim:
+    return head_dim
+  if width % num_heads:
+    raise ValueError(f"attention width {width} is not divisible by {num_heads} heads; set "
+                     "the head dimension explicitly (config.model.*_head_dim)")
+  return width // num_heads
+
+
+class MultiHeadAttention(nn.Module):
+  """Scaled dot-product attention with `num_heads x head_dim` inner width.
+
+  Params: `query`, `key`, `value` (kernels (D_in, H, d), biases (H, d) unless
+  `qkv_bias=False`) and `out` (kernel (H, d, D), bias (D,)), D the query width.
+
+  Attributes:
+    num_heads: H.
+    head_dim: d; 0 = query width // H.
+    qkv_bias: biases on the query/key/value projections (the Perceiver's have none).
+    dropout: dropout on the attention weights (training only).
+  """
+
+  num_heads: int
+  head_dim: int = 0
+  qkv_bias: bool = True
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, queries, keys, values=None, *, mask=None, train: bool):
+    """queries (B, Tq, D), keys/values (B, Tk, D_kv), mask (B, 1, Tq, Tk) bool -> (B, Tq, D)."""
+    width = queries.shape[-1]
+    head_dim = _head_dim(width, self.num_heads, self.head_dim)
+
+    def project(name, x):
+      return nn.DenseGeneral((self.num_heads, head_dim), use_bias=self.qkv_bias, name=name)(x)
+
+    q, k = project("query", queries), project("key", keys)
+    v = project("value", keys if values is None else values)
+    if train and self.dropout > 0:
+      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(q.dtype)
+      if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+      weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(q.dtype)
+      weights = nn.Dropout(self.dropout)(weights, deterministic=False)
+      h = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    else:
+      h = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    return nn.DenseGeneral(width, axis=(-2, -1), name="out")(h)
 
 
 class FeedForward(nn.Module):
-  """Position-wise MLP; `activation="geglu"` gives the gated GELU of Perceiver."""
+  """Position-wise MLP: Dense(hidden) -> activation -> dropout -> Dense(width).
+
+  `activation="geglu"` is the Perceiver's gated GELU (a Dense to 2 x hidden split into
+  value and gate, value * GELU(gate), with the exact erf GELU as PyTorch's `F.gelu`);
+  "gelu" uses the tanh approximation, "relu" is PyTorch's transformer default.
+  """
 
   hidden_dim: int
   dropout: float = 0.0
@@ -28,55 +101,93 @@ class FeedForward(nn.Module):
   def __call__(self, x, *, train: bool):
     out_dim = x.shape[-1]
     if self.activation == "geglu":
-      gate_and_value = nn.Dense(2 * self.hidden_dim, name="in")(x)
-      value, gate = jnp.split(gate_and_value, 2, axis=-1)
-      h = value * nn.gelu(gate)
+      value, gate = jnp.split(nn.Dense(2 * self.hidden_dim, name="in")(x), 2, axis=-1)
+      h = value * nn.gelu(gate, approximate=False)
     elif self.activation == "gelu":
       h = nn.gelu(nn.Dense(self.hidden_dim, name="in")(x))
     elif self.activation == "relu":
       h = nn.relu(nn.Dense(self.hidden_dim, name="in")(x))
     else:
-      raise ValueError("FeedForward.activation must be gelu, geglu or relu, got "
+      raise ValueError(f"FeedForward.activation must be one of {ACTIVATIONS}, got "
                        f"{self.activation!r}")
     h = nn.Dropout(self.dropout)(h, deterministic=not train)
     return nn.Dense(out_dim, name="out")(h)
 
 
 class TransformerLayer(nn.Module):
-  """Pre-norm self-attention + feed-forward, padding-aware."""
+  """Self-attention + feed-forward, padding-aware, pre-norm or post-norm.
+
+    pre  (Perceiver, ViT):       x + Attn(LN(x)), then x + FF(LN(x))
+    post (PyTorch's default
+          TransformerEncoderLayer): LN(x + Attn(x)), then LN(x + FF(x))
+
+  Dropout on the attention weights, on each residual branch and inside the feed-forward
+  (PyTorch's places).
+  """
 
   num_heads: int
   mlp_dim: int
   dropout: float = 0.0
   activation: str = "gelu"
+  head_dim: int = 0
+  qkv_bias: bool = True
+  norm: str = "pre"
 
   @nn.compact
   def __call__(self, x, frame_mask=None, *, train: bool):
+    if self.norm not in NORMS:
+      raise ValueError(f"TransformerLayer.norm must be one of {NORMS}, got {self.norm!r}")
     mask = None if frame_mask is None else attention_mask(frame_mask, frame_mask)
-    h = nn.LayerNorm(name="norm_attn")(x)
-    h = nn.MultiHeadDotProductAttention(
-        num_heads=self.num_heads, dropout_rate=self.dropout, name="attn")(
-            h, h, mask=mask, deterministic=not train)
-    x = x + nn.Dropout(self.dropout)(h, deterministic=not train)
-    h = nn.LayerNorm(name="norm_ff")(x)
-    h = FeedForward(self.mlp_dim, self.dropout, self.activation, name="ff")(h, train=train)
-    return x + nn.Dropout(self.dropout)(h, deterministic=not train)
+    drop = lambda h: nn.Dropout(self.dropout)(h, deterministic=not train)
+    attend = MultiHeadAttention(self.num_heads, self.head_dim, self.qkv_bias, self.dropout,
+                                name="attn")
+    feed_forward = FeedForward(self.mlp_dim, self.dropout, self.activation, name="ff")
+    if self.norm == "pre":
+      h = nn.LayerNorm(name="norm_attn")(x)
+      x = x + drop(attend(h, h, mask=mask, train=train))
+      h = nn.LayerNorm(name="norm_ff")(x)
+      return x + drop(feed_forward(h, train=train))
+    x = nn.LayerNorm(name="norm_attn")(x + drop(attend(x, x, mask=mask, train=train)))
+    return nn.LayerNorm(name="norm_ff")(x + drop(feed_forward(x, train=train)))
+
+
+class StackedTransformerLayer(TransformerLayer):
+  """`TransformerLayer` in `nn.stack.layer_stack`'s form: `(x, frame_mask) -> (x, None)`
+  with train/eval as an attribute."""
+
+  train: bool = False
+
+  @nn.compact
+  def __call__(self, x, frame_mask=None):
+    return super().__call__(x, frame_mask, train=self.train), None
 
 
 class TransformerEncoder(nn.Module):
-  """A stack of `TransformerLayer`s with a final LayerNorm."""
+  """A stack of `TransformerLayer`s (`nn.stack.layer_stack`: scanned by default); pre-norm
+  stacks end with a LayerNorm (`norm_out`), post-norm ones are normalised already
+  (PyTorch's `nn.TransformerEncoder(norm=None)`).
+
+  Params: scanned, `layers/...` with a leading layer axis; unrolled, `layers_{i}/...`.
+  """
 
   num_layers: int
   num_heads: int
   mlp_dim: int
   dropout: float = 0.0
+  activation: str = "gelu"
+  head_dim: int = 0
+  qkv_bias: bool = True
+  norm: str = "pre"
+  scan: bool = True
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x, frame_mask=None, *, train: bool):
-    for i in range(self.num_layers):
-      x = TransformerLayer(self.num_heads, self.mlp_dim, self.dropout, name=f"layer{i}")(
-          x, frame_mask, train=train)
-    return nn.LayerNorm(name="norm_out")(x)
+    x = layer_stack(StackedTransformerLayer, self.num_layers, x, frame_mask, scan=self.scan,
+                    remat=self.remat, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
+                    dropout=self.dropout, activation=self.activation, head_dim=self.head_dim,
+                    qkv_bias=self.qkv_bias, norm=self.norm, train=train)
+    return nn.LayerNorm(name="norm_out")(x) if self.norm == "pre" else x
 
 
 class CrossAttentionLayer(nn.Module):
@@ -91,6 +202,8 @@ class CrossAttentionLayer(nn.Module):
   dropout: float = 0.0
   activation: str = "gelu"
   use_feedforward: bool = True
+  head_dim: int = 0
+  qkv_bias: bool = True
 
   @nn.compact
   def __call__(self, queries, keys, values=None, *, query_mask=None, key_mask=None,
@@ -105,9 +218,8 @@ class CrossAttentionLayer(nn.Module):
     q = nn.LayerNorm(name="norm_q")(queries)
     k = nn.LayerNorm(name="norm_k")(keys)
     v = k if values is keys else nn.LayerNorm(name="norm_v")(values)
-    h = nn.MultiHeadDotProductAttention(
-        num_heads=self.num_heads, dropout_rate=self.dropout, name="attn")(
-            q, k, v, mask=mask, deterministic=not train)
+    h = MultiHeadAttention(self.num_heads, self.head_dim, self.qkv_bias, self.dropout,
+                           name="attn")(q, k, v, mask=mask, train=train)
     x = queries + nn.Dropout(self.dropout)(h, deterministic=not train)
     if not self.use_feedforward:
       return x
@@ -120,14 +232,17 @@ class ModalityProjection(nn.Module):
   """Conv1D from a modality's feature width to the model width D (SPEC section 7).
 
   Padded frames are zeroed before and after the convolution so that their content can
-  never leak into real frames' outputs.
+  never leak into real frames' outputs. `use_bias=False` is the official CMAD/MulT
+  projection (a zero input then projects to zero).
   """
 
   features: int
   kernel_size: int = 1
+  use_bias: bool = True
 
   @nn.compact
   def __call__(self, x, frame_mask):
     x = jnp.where(frame_mask[..., None], x, 0.0)
-    x = nn.Conv(self.features, (self.kernel_size,), padding="SAME", name="conv")(x)
+    x = nn.Conv(self.features, (self.kernel_size,), padding="SAME", use_bias=self.use_bias,
+                name="conv")(x)
     return jnp.where(frame_mask[..., None], x, 0.0)

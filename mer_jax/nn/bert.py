@@ -5,15 +5,19 @@ numpy API: no network, no PyTorch).
 The modules follow the reference (Hugging Face `BertModel`) computation exactly: post-LN
 transformer layers, exact (erf) GELU, LayerNorm epsilon from the config, dropout after
 the embeddings, on the attention probabilities and after each residual branch. The
-parameter tree mirrors the checkpoint names, so the map between the two is mechanical:
+layers run under `nn.scan` (`scan=True`, the default): one array per parameter kind with
+a leading layer axis, so the compiled program and the checkpoint's array count do not
+grow with depth; `scan=False` unrolls them (`encoder_{i}`), with the same numerics.
+The parameter tree mirrors the checkpoint names, so the map between the two is
+mechanical (scanned: layer i is row i of the stacked array):
 
-    checkpoint (canonical)                            params
+    checkpoint (canonical)                            params (scanned; unrolled: encoder_{i})
     embeddings.word_embeddings.weight                 embeddings/word_embeddings/embedding
     embeddings.LayerNorm.weight | .bias               embeddings/LayerNorm/scale | bias
-    encoder.layer.{i}.attention.self.query.weight     encoder_layer_{i}/attention/query/kernel (.T)
-    encoder.layer.{i}.attention.output.dense.weight   encoder_layer_{i}/attention/output/kernel (.T)
-    encoder.layer.{i}.intermediate.dense.weight       encoder_layer_{i}/intermediate/kernel (.T)
-    encoder.layer.{i}.output.dense.weight             encoder_layer_{i}/output/kernel (.T)
+    encoder.layer.{i}.attention.self.query.weight     encoder/attention/query/kernel[i] (.T)
+    encoder.layer.{i}.attention.output.dense.weight   encoder/attention/output/kernel[i] (.T)
+    encoder.layer.{i}.intermediate.dense.weight       encoder/intermediate/kernel[i] (.T)
+    encoder.layer.{i}.output.dense.weight             encoder/output/kernel[i] (.T)
     pooler.dense.weight                               pooler/kernel (.T)
 
 Checkpoint names are canonicalised first: a leading `bert.` is dropped (checkpoints of
@@ -34,6 +38,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from mer_jax.nn.stack import layer_stack
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -199,6 +205,14 @@ class BertLayer(nn.Module):
     return _layer_norm(c, "LayerNorm")(h + x)
 
 
+class _StackedBertLayer(BertLayer):
+  """`BertLayer` in `nn.stack.layer_stack`'s form: (x, attention_mask) -> (x, None)."""
+
+  @nn.compact
+  def __call__(self, x, attention_mask):
+    return super().__call__(x, attention_mask), None
+
+
 class BertModel(nn.Module):
   """BERT encoder: (B, T) token ids -> hidden states (B, T, H) and pooled (B, H).
 
@@ -208,11 +222,14 @@ class BertModel(nn.Module):
       the checkpoint's pooler tensors are not loaded.
     remat: recompute each layer's activations in the backward pass (`nn.remat`) instead
       of storing them: less memory for about one more forward pass of compute.
+    scan: the layers under `nn.scan` (params `encoder/...` with a leading layer axis);
+      False unrolls them as `encoder_{i}` (`nn.stack.layer_stack`).
   """
 
   config: BertConfig
   use_pooler: bool = True
   remat: bool = False
+  scan: bool = True
 
   @nn.compact
   def __call__(self, input_ids, attention_mask, token_type_ids=None, *, train: bool = False):
@@ -233,10 +250,9 @@ class BertModel(nn.Module):
     deterministic = not train
     x = BertEmbeddings(self.config, name="embeddings")(
         input_ids, jnp.asarray(token_type_ids, jnp.int32), deterministic=deterministic)
-    layer_cls = nn.remat(BertLayer) if self.remat else BertLayer
-    for i in range(self.config.num_hidden_layers):
-      x = layer_cls(self.config, deterministic=deterministic,
-                    name=f"encoder_layer_{i}")(x, attention_mask)
+    x = layer_stack(_StackedBertLayer, self.config.num_hidden_layers, x, attention_mask,
+                    scan=self.scan, remat=self.remat, name="encoder", config=self.config,
+                    deterministic=deterministic)
     pooled = None
     if self.use_pooler:
       pooled = jnp.tanh(_dense(self.config.hidden_size, "pooler")(x[:, 0]))
@@ -256,42 +272,46 @@ def canonical_name(name: str) -> str | None:
   return re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", name)
 
 
-def name_map(config: BertConfig, *, use_pooler: bool = True
-             ) -> dict[str, tuple[tuple[str, ...], bool]]:
-  """Canonical checkpoint name -> (param path in `BertModel` params, transpose?).
+def name_map(config: BertConfig, *, use_pooler: bool = True, scan: bool = True
+             ) -> dict[str, tuple[tuple[str, ...], bool, int | None]]:
+  """Canonical checkpoint name -> (param path in `BertModel` params, transpose?, layer).
 
-  Covers every parameter of `BertModel(config, use_pooler)` exactly once.
+  `layer` is the row of a scanned layer's stacked array (None for unstacked params and
+  with `scan=False`). Covers every parameter of `BertModel(config, use_pooler, scan)`
+  (every row of every stacked one) exactly once.
   """
   mapping = {}
 
-  def linear(source, target):
-    mapping[f"{source}.weight"] = ((*target, "kernel"), True)
-    mapping[f"{source}.bias"] = ((*target, "bias"), False)
+  def linear(source, target, layer=None):
+    mapping[f"{source}.weight"] = ((*target, "kernel"), True, layer)
+    mapping[f"{source}.bias"] = ((*target, "bias"), False, layer)
 
-  def layer_norm(source, target):
-    mapping[f"{source}.weight"] = ((*target, "scale"), False)
-    mapping[f"{source}.bias"] = ((*target, "bias"), False)
+  def layer_norm(source, target, layer=None):
+    mapping[f"{source}.weight"] = ((*target, "scale"), False, layer)
+    mapping[f"{source}.bias"] = ((*target, "bias"), False, layer)
 
   for name in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
-    mapping[f"embeddings.{name}.weight"] = (("embeddings", name, "embedding"), False)
+    mapping[f"embeddings.{name}.weight"] = (("embeddings", name, "embedding"), False, None)
   layer_norm("embeddings.LayerNorm", ("embeddings", "LayerNorm"))
   for i in range(config.num_hidden_layers):
-    src, dst = f"encoder.layer.{i}", (f"encoder_layer_{i}",)
+    src = f"encoder.layer.{i}"
+    dst, layer = (("encoder",), i) if scan else ((f"encoder_{i}",), None)
     for name in ("query", "key", "value"):
-      linear(f"{src}.attention.self.{name}", (*dst, "attention", name))
-    linear(f"{src}.attention.output.dense", (*dst, "attention", "output"))
-    layer_norm(f"{src}.attention.output.LayerNorm", (*dst, "attention", "LayerNorm"))
-    linear(f"{src}.intermediate.dense", (*dst, "intermediate"))
-    linear(f"{src}.output.dense", (*dst, "output"))
-    layer_norm(f"{src}.output.LayerNorm", (*dst, "LayerNorm"))
+      linear(f"{src}.attention.self.{name}", (*dst, "attention", name), layer)
+    linear(f"{src}.attention.output.dense", (*dst, "attention", "output"), layer)
+    layer_norm(f"{src}.attention.output.LayerNorm", (*dst, "attention", "LayerNorm"), layer)
+    linear(f"{src}.intermediate.dense", (*dst, "intermediate"), layer)
+    linear(f"{src}.output.dense", (*dst, "output"), layer)
+    layer_norm(f"{src}.output.LayerNorm", (*dst, "LayerNorm"), layer)
   if use_pooler:
     linear("pooler.dense", ("pooler",))
   return mapping
 
 
-def param_shapes(config: BertConfig, *, use_pooler: bool = True) -> dict[tuple[str, ...], tuple]:
-  """Param path -> shape of `BertModel(config, use_pooler)` (computed without weights)."""
-  model = BertModel(config, use_pooler=use_pooler)
+def param_shapes(config: BertConfig, *, use_pooler: bool = True, scan: bool = True
+                 ) -> dict[tuple[str, ...], tuple]:
+  """Param path -> shape of `BertModel(config, use_pooler, scan)` (computed without weights)."""
+  model = BertModel(config, use_pooler=use_pooler, scan=scan)
   ids = jnp.zeros((1, 1), jnp.int32)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), ids, ids > 0)["params"])
   flat = {}
@@ -322,7 +342,8 @@ def _checkpoint_index(path: str) -> tuple[str, dict[str, str]]:
   return file, index
 
 
-def check_checkpoint(path: str, config: BertConfig, *, use_pooler: bool = True) -> None:
+def check_checkpoint(path: str, config: BertConfig, *, use_pooler: bool = True,
+                     scan: bool = True) -> None:
   """Checks, reading headers only, that the folder's weights fill `BertModel` exactly.
 
   Raises:
@@ -333,8 +354,8 @@ def check_checkpoint(path: str, config: BertConfig, *, use_pooler: bool = True) 
   from safetensors import safe_open
 
   file, index = _checkpoint_index(path)
-  mapping = name_map(config, use_pooler=use_pooler)
-  shapes = param_shapes(config, use_pooler=use_pooler)
+  mapping = name_map(config, use_pooler=use_pooler, scan=scan)
+  shapes = param_shapes(config, use_pooler=use_pooler, scan=scan)
   missing = sorted(set(mapping) - set(index))
   unexpected = sorted(n for n in set(index) - set(mapping)
                       if use_pooler or not n.startswith("pooler."))
@@ -345,11 +366,12 @@ def check_checkpoint(path: str, config: BertConfig, *, use_pooler: bool = True) 
     problems.append(f"unexpected tensors {unexpected[:5]}"
                     f"{' ...' if len(unexpected) > 5 else ''}")
   with safe_open(file, framework="np") as f:
-    for canonical, (target, transpose) in mapping.items():
+    for canonical, (target, transpose, layer) in mapping.items():
       if canonical not in index:
         continue
       shape = tuple(f.get_slice(index[canonical]).get_shape())
-      expected = shapes[target][::-1] if transpose else shapes[target]
+      expected = shapes[target] if layer is None else shapes[target][1:]
+      expected = expected[::-1] if transpose else expected
       if shape != expected:
         problems.append(f"tensor {index[canonical]!r} has shape {shape}, expected {expected} "
                         f"for {os.path.join(path, CONFIG_FILE)}")
@@ -358,38 +380,51 @@ def check_checkpoint(path: str, config: BertConfig, *, use_pooler: bool = True) 
                      + "; ".join(problems))
 
 
-def load_params(path: str, config: BertConfig | None = None, *, use_pooler: bool = True
-                ) -> dict:
-  """`BertModel` params (nested dict of float32 numpy arrays) from a checkpoint folder.
+def load_params(path: str, config: BertConfig | None = None, *, use_pooler: bool = True,
+                scan: bool = True) -> dict:
+  """`BertModel` params (nested dict of float32 numpy arrays) from a checkpoint folder, for
+  the scanned (`scan=True`: per-layer tensors stacked) or the unrolled layout.
 
   Raises what `load_config` and `check_checkpoint` raise, before reading any weight.
   """
   from safetensors import safe_open
 
   config = config or load_config(path)
-  check_checkpoint(path, config, use_pooler=use_pooler)
+  check_checkpoint(path, config, use_pooler=use_pooler, scan=scan)
   file, index = _checkpoint_index(path)
   params: dict = {}
+  rows: dict[tuple[str, ...], dict[int, np.ndarray]] = {}
   with safe_open(file, framework="np") as f:
-    for canonical, (target, transpose) in name_map(config, use_pooler=use_pooler).items():
+    for canonical, (target, transpose, layer) in name_map(
+        config, use_pooler=use_pooler, scan=scan).items():
       value = np.asarray(f.get_tensor(index[canonical]), np.float32)
-      node = params
-      for key in target[:-1]:
-        node = node.setdefault(key, {})
-      node[target[-1]] = np.ascontiguousarray(value.T) if transpose else value
+      value = np.ascontiguousarray(value.T) if transpose else value
+      if layer is None:
+        _set(params, target, value)
+      else:
+        rows.setdefault(target, {})[layer] = value
+  for target, by_layer in rows.items():
+    _set(params, target, np.stack([by_layer[i] for i in range(len(by_layer))]))
   return params
 
 
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value
+
+
 def to_checkpoint(params: Mapping, config: BertConfig, *, use_pooler: bool = True,
-                  prefix: str = "") -> dict[str, np.ndarray]:
+                  scan: bool = True, prefix: str = "") -> dict[str, np.ndarray]:
   """The inverse map: `BertModel` params -> {checkpoint name: array} (torch layout), e.g. to
   write a checkpoint with `safetensors.numpy.save_file`."""
   out = {}
-  for canonical, (target, transpose) in name_map(config, use_pooler=use_pooler).items():
+  for canonical, (target, transpose, layer) in name_map(
+      config, use_pooler=use_pooler, scan=scan).items():
     value = params
     for key in target:
       value = value[key]
-    value = np.asarray(value, np.float32)
+    value = np.asarray(value if layer is None else value[layer], np.float32)
     out[prefix + canonical] = np.ascontiguousarray(value.T) if transpose else value
   return out
 

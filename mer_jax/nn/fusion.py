@@ -1,15 +1,19 @@
 """The teacher/student backbone that MCUR and CMAD share (SPEC section 7).
 
-Per modality: Conv1D to width D (`ModalityProjection`), a learned position embedding,
-a `Perceiver` -> one token per modality. The three modality tokens (plus a learned
-modality-type embedding) go through a transformer encoder (2 layers in both papers),
-are concatenated and mapped to the fused embedding E_f (B, D) by an MLP: two layers
-in MCUR (mcur.txt Eq. 18), one linear layer in CMAD (cmad_supplementary.txt Eq. 20).
+Per modality: Conv1D to width D (`ModalityProjection`), optionally a learned position
+embedding, a `Perceiver` -> one token per modality. The three modality tokens (plus an
+optional learned modality-type embedding) go through a transformer encoder (2 layers in
+both papers), are concatenated and mapped to the fused embedding E_f (B, D) by an MLP:
+one linear layer in CMAD (cmad_supplementary.txt Eq. 20; the official code's
+`fusion_all`: Linear(3D -> D) -> Dropout(0.3) -> ReLU), two in MCUR (mcur.txt Eq. 18).
 
-A modality is "present" for a sample when it has at least one real frame after the
-modality mask and any frame-level masking. Absent modalities are masked out as keys of
-the fusion attention and their tokens are zeroed before the concatenation, so their
-inputs cannot change the output and the MLP sees a fixed position per modality.
+Absent modalities (`absent_modality`). A modality is "present" for a sample when it has
+at least one real frame after the modality mask. "mask" (mer_jax's default): absent
+modalities are masked out as keys of the fusion attention and their tokens are zeroed
+before the concatenation, so their inputs cannot change the output. "zero" (the official
+CMAD code): an absent modality is zeros at the input; its Perceiver runs on them (and
+gives a constant token) and the fusion attends to all three tokens. In both modes an
+absent modality's frames never reach the output.
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ import jax.numpy as jnp
 from mer_jax.data.spec import MODALITIES
 from mer_jax.nn.attention import ModalityProjection, TransformerEncoder
 from mer_jax.nn.perceiver import Perceiver
+
+ABSENT_MODALITY_MODES = ("mask", "zero")
+FUSED_ACTIVATIONS = ("none", "relu", "gelu")
 
 
 class _PerceiverWithMode(Perceiver):
@@ -54,40 +61,71 @@ class PerceiverFusion(nn.Module):
   Attributes:
     width: D, the common width of every modality token and of E_f.
     kernel_sizes: Conv1D kernel per modality (L, A, V).
-    num_latents, perceiver_depth, cross_heads, latent_heads, perceiver_mlp_dim,
-      self_per_cross: the `Perceiver` of each modality.
-    fusion_layers, fusion_heads, fusion_mlp_dim: the transformer over the modality tokens.
-    mlp_layers: Dense layers after the concatenated tokens (GELU between them): 2 for
-      MCUR, 1 (linear) for CMAD.
-    position_embedding: add a learned position embedding to each projected sequence
-      (the attention is otherwise blind to frame order beyond the Conv1D kernel).
-    dropout: dropout rate of every block.
+    projection_bias: bias of the Conv1D projections (the official code has none).
+    num_latents, perceiver_depth, cross_heads, cross_head_dim, latent_heads,
+      latent_head_dim, perceiver_mlp_dim, self_per_cross, perceiver_qkv_bias,
+      perceiver_dropout: the `Perceiver` of each modality (head_dim 0 = D // heads).
+    fusion_layers, fusion_heads, fusion_head_dim, fusion_mlp_dim, fusion_activation,
+      fusion_norm, fusion_dropout: the transformer over the modality tokens (PyTorch's
+      `TransformerEncoderLayer(D, nhead)` is 2048, "relu", "post", 0.1).
+    mlp_layers: Dense layers after the concatenated tokens: 1 (linear) for CMAD, 2 for MCUR.
+    mlp_hidden_dim: width of the hidden Dense layers (0 = D).
+    fused_activation, fused_dropout: dropout then activation after every hidden Dense
+      layer, and after the last one too when `activate_fused` (CMAD's `fusion_all`).
+    position_embedding: add a learned position embedding to each projected sequence.
+    modality_embedding: add a learned modality-type embedding to the tokens.
+    absent_modality: "mask" or "zero" (module docstring).
+    scan, remat: the Perceiver and fusion layers under `nn.scan` / recomputed in the
+      backward pass.
   """
 
   width: int = 64
   kernel_sizes: tuple[int, int, int] = (3, 1, 1)
+  projection_bias: bool = True
   num_latents: int = 8
   perceiver_depth: int = 2
   cross_heads: int = 1
+  cross_head_dim: int = 0
   latent_heads: int = 4
+  latent_head_dim: int = 0
   perceiver_mlp_dim: int = 128
   self_per_cross: int = 1
+  perceiver_qkv_bias: bool = True
+  perceiver_dropout: float = 0.0
   fusion_layers: int = 2
   fusion_heads: int = 4
+  fusion_head_dim: int = 0
   fusion_mlp_dim: int = 128
+  fusion_activation: str = "gelu"
+  fusion_norm: str = "pre"
+  fusion_dropout: float = 0.0
   mlp_layers: int = 2
+  mlp_hidden_dim: int = 0
+  fused_activation: str = "gelu"
+  fused_dropout: float = 0.0
+  activate_fused: bool = False
   position_embedding: bool = True
-  dropout: float = 0.0
+  modality_embedding: bool = True
+  absent_modality: str = "mask"
+  scan: bool = True
+  remat: bool = False
 
   @nn.compact
   def __call__(self, batch, *, train: bool):
     """Returns dict(fused (B, D) E_f, unimodal (B, 3, D) the Perceiver outputs, tokens
-    (B, 3, D) the fusion transformer outputs (0 for absent modalities), present (B, 3))."""
+    (B, 3, D) the fusion transformer outputs (0 for absent modalities in "mask" mode),
+    present (B, 3))."""
+    if self.absent_modality not in ABSENT_MODALITY_MODES:
+      raise ValueError(f"config.model.absent_modality must be one of {ABSENT_MODALITY_MODES}, "
+                       f"got {self.absent_modality!r}")
+    if self.fused_activation not in FUSED_ACTIVATIONS:
+      raise ValueError(f"config.model.fused_activation must be one of {FUSED_ACTIVATIONS}, "
+                       f"got {self.fused_activation!r}")
     sequences, masks = [], []
     for index, name in enumerate(MODALITIES):
       mask = present_frames(batch, index)
-      x = ModalityProjection(self.width, self.kernel_sizes[index], name=f"proj_{name}")(
-          jnp.asarray(batch[name]), mask)
+      x = ModalityProjection(self.width, self.kernel_sizes[index], self.projection_bias,
+                             name=f"proj_{name}")(jnp.asarray(batch[name]), mask)
       if self.position_embedding:
         x = x + self.param(f"pos_{name}", nn.initializers.normal(0.02),
                            (x.shape[1], self.width), x.dtype)
@@ -104,42 +142,54 @@ class PerceiverFusion(nn.Module):
         split_rngs={"params": True, "dropout": True}, in_axes=(0, 0), out_axes=1,
         axis_size=len(MODALITIES))(
             num_latents=self.num_latents, depth=self.perceiver_depth,
-            cross_heads=self.cross_heads, latent_heads=self.latent_heads,
+            cross_heads=self.cross_heads, cross_head_dim=self.cross_head_dim,
+            latent_heads=self.latent_heads, latent_head_dim=self.latent_head_dim,
             mlp_dim=self.perceiver_mlp_dim, self_per_cross=self.self_per_cross,
-            dropout=self.dropout, train=train, name="perceivers")
+            qkv_bias=self.perceiver_qkv_bias, dropout=self.perceiver_dropout,
+            scan=self.scan, remat=self.remat, train=train, name="perceivers")
     unimodal = perceivers(stacked, stacked_masks)  # (B, 3, D)
     present = jnp.stack([m.any(axis=1) for m in masks], axis=1)
-    modality_embedding = self.param("modality_embedding", nn.initializers.normal(0.02),
-                                    (len(MODALITIES), self.width), unimodal.dtype)
+    tokens = unimodal
+    if self.modality_embedding:
+      tokens = tokens + self.param("modality_embedding", nn.initializers.normal(0.02),
+                                   (len(MODALITIES), self.width), unimodal.dtype)
+    masking = self.absent_modality == "mask"
     h = TransformerEncoder(self.fusion_layers, self.fusion_heads, self.fusion_mlp_dim,
-                           self.dropout, name="fusion")(
-                               unimodal + modality_embedding, present, train=train)
-    h = jnp.where(present[..., None], h, 0.0)
+                           self.fusion_dropout, activation=self.fusion_activation,
+                           head_dim=self.fusion_head_dim, norm=self.fusion_norm,
+                           scan=self.scan, remat=self.remat, name="fusion")(
+                               tokens, present if masking else None, train=train)
+    if masking:
+      h = jnp.where(present[..., None], h, 0.0)
     fused = h.reshape(h.shape[0], -1)
     for layer in range(self.mlp_layers):
-      if layer:
-        fused = nn.Dropout(self.dropout)(nn.gelu(fused), deterministic=not train)
-      fused = nn.Dense(self.width, name=f"mlp{layer}")(fused)
+      last = layer == self.mlp_layers - 1
+      fused = nn.Dense(self.width if last else (self.mlp_hidden_dim or self.width),
+                       name=f"mlp{layer}")(fused)
+      if not last or self.activate_fused:
+        fused = nn.Dropout(self.fused_dropout)(fused, deterministic=not train)
+        fused = _activation(self.fused_activation)(fused)
     return {"fused": fused, "unimodal": unimodal, "tokens": h, "present": present}
+
+
+def _activation(name: str):
+  return {"none": lambda x: x, "relu": nn.relu, "gelu": nn.gelu}[name]
+
+
+# `config.model` fields of the backbone (the MCUR and CMAD configs share them).
+BACKBONE_FIELDS = (
+    "width", "kernel_sizes", "projection_bias", "num_latents", "perceiver_depth",
+    "cross_heads", "cross_head_dim", "latent_heads", "latent_head_dim", "perceiver_mlp_dim",
+    "self_per_cross", "perceiver_qkv_bias", "perceiver_dropout", "fusion_layers",
+    "fusion_heads", "fusion_head_dim", "fusion_mlp_dim", "fusion_activation", "fusion_norm",
+    "fusion_dropout", "mlp_layers", "mlp_hidden_dim", "fused_activation", "fused_dropout",
+    "activate_fused", "position_embedding", "modality_embedding", "absent_modality", "scan",
+    "remat")
 
 
 def perceiver_fusion_from_config(model_config, **overrides) -> PerceiverFusion:
   """The backbone from the `config.model` fields the MCUR and CMAD configs share."""
-  fields = dict(
-      width=model_config.width,
-      kernel_sizes=tuple(model_config.kernel_sizes),
-      num_latents=model_config.num_latents,
-      perceiver_depth=model_config.perceiver_depth,
-      cross_heads=model_config.cross_heads,
-      latent_heads=model_config.latent_heads,
-      perceiver_mlp_dim=model_config.perceiver_mlp_dim,
-      self_per_cross=model_config.self_per_cross,
-      fusion_layers=model_config.fusion_layers,
-      fusion_heads=model_config.fusion_heads,
-      fusion_mlp_dim=model_config.fusion_mlp_dim,
-      mlp_layers=model_config.mlp_layers,
-      position_embedding=model_config.position_embedding,
-      dropout=model_config.dropout,
-  )
+  fields = {name: model_config[name] for name in BACKBONE_FIELDS}
+  fields["kernel_sizes"] = tuple(fields["kernel_sizes"])
   fields.update(overrides)
   return PerceiverFusion(**fields)
