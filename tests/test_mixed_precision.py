@@ -35,6 +35,7 @@ def _dtypes_in(jaxpr_text, primitive):
           if f"= {primitive}[" in line and ":" in line}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config_file", ["dqf_mosei.py", "mcur_mosei.py", "ease_mosei.py",
                                          "cmarr_iemocap.py"])
 def test_bfloat16_computes_in_bf16_and_stays_close_to_float32(config_file):
@@ -47,13 +48,13 @@ def test_bfloat16_computes_in_bf16_and_stays_close_to_float32(config_file):
   stage16 = build_stages(load_config(config_file, "bfloat16"), spec)[-1]
   assert stage16.compute_dtype == "bfloat16" and stage32.compute_dtype == "float32"
   batch = random_batch(spec, batch_size=8, seed=1)
-  params = stage32.model.init(jax.random.key(0), batch, train=False)["params"]
+  init = lambda model, key: jax.jit(lambda k: model.init(k, batch, train=False)["params"])(key)
+  params = init(stage32.model, jax.random.key(0))
   state = stage32.init_state()
   context = StageContext()
   if stage32.name == "student":  # a frozen (untrained) teacher
     teacher = build_stages(config32, spec)[0]
-    context = StageContext(frozen=teacher.model.init(jax.random.key(1), batch,
-                                                     train=False)["params"],
+    context = StageContext(frozen=init(teacher.model, jax.random.key(1)),
                            frozen_state=teacher.init_state())
   key = jax.random.key(2)
 
@@ -113,6 +114,7 @@ def _train(dtype, steps=15):
   return state, np.array(losses)
 
 
+@pytest.mark.slow
 def test_bfloat16_training_tracks_float32_with_float32_params():
   state16, losses16 = _train("bfloat16")
   _, losses32 = _train("float32")
