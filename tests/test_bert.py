@@ -216,6 +216,7 @@ def test_loader_errors_name_the_file_and_tensor(tmp_path):
     bert.load_params(str(tmp_path / "extra"))
 
 
+@pytest.mark.slow
 def test_remat_and_dropout_keep_the_forward():
   config = bert.BertConfig(**{k: v for k, v in TINY.items() if k != "model_type"})
   ids, mask, segments = token_batch()
@@ -295,6 +296,7 @@ def token_inputs(batch_size=3):
           "audio_mask": np.ones((batch_size, 2), bool), "label": np.zeros(batch_size, np.float32)}
 
 
+@pytest.mark.slow
 def test_wrapper_encodes_after_the_protocol_without_leaking_dropped_words():
   encoder = tiny_encoder()
   stage = text_encoder.with_text_encoder(toy_stage(), encoder, TOKENS)
@@ -348,6 +350,7 @@ def test_frozen_teacher_reads_its_own_encoding_of_the_clean_tokens():
   chex.assert_shape(expected, (3, 10, 32))
 
 
+@pytest.mark.slow
 def test_train_step_is_the_same_on_one_and_four_devices():
   stage = text_encoder.with_text_encoder(toy_stage(), tiny_encoder(), TOKENS)
   batch = token_inputs(4)
@@ -410,6 +413,7 @@ def bert_ids(data):
     tokens[:, 0] = np.where(mask, ids, 0)
 
 
+@pytest.mark.slow
 def test_tiny_mcur_run_fine_tunes_bert_on_mmsa_files(tmp_path):
   from test_sources import write_mmsa
 

@@ -383,6 +383,7 @@ def student_memory(workdir, config):
   return jax.tree.map(np.asarray, method_state["mar"]), epoch
 
 
+@pytest.mark.slow
 def test_two_stage_run_reuses_teacher_and_keeps_mar_memory(tmp_path):
   workdir = str(tmp_path)
   config = load_config()  # teacher 1 epoch, student 2 epochs, G = 1

@@ -492,6 +492,7 @@ def test_without_umc_attention_drops_the_sequence_interaction():
   assert np.abs(np.asarray(out["gaussian_mean"] - full)).max() > 1e-4
 
 
+@pytest.mark.slow
 def test_learned_temperature_is_a_log_space_parameter_with_a_live_gradient():
   """tau = 0.01 + exp(log_tau), starting at umc_dim; d L_udcl / d log_tau is non-zero
   per pair, also just above the floor, where the former hard clip had no gradient."""

@@ -406,6 +406,7 @@ def test_real_configs_read_merbench_features_with_momentum_sgd(name, dataset, ta
     assert (small.train.optimizer, small.train.schedule) == ("adamw", "cosine")
 
 
+@pytest.mark.slow
 def test_short_training_lowers_the_loss():
   spec = tiny_spec("classification")
   (stage,) = dqf.build(tiny_config(kind="none"), spec)

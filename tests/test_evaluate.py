@@ -41,6 +41,7 @@ def _eval_config(per_call):
                      "scenarios_per_call": per_call})
 
 
+@pytest.mark.slow
 def test_batched_scenarios_equal_one_call_each(dqf_setup):
   predictor, params, split = dqf_setup
   rng = np.random.default_rng(0)
@@ -62,6 +63,7 @@ def test_batched_scenarios_equal_one_call_each(dqf_setup):
   assert not np.allclose(batched["output"][0], batched["output"][3])
 
 
+@pytest.mark.slow
 def test_run_scenarios_does_not_depend_on_grouping(dqf_setup):
   predictor, params, split = dqf_setup
   key = jax.random.key(1)

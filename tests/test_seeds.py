@@ -76,6 +76,7 @@ def train_single(stages, seed, workdir, mesh):
   return params
 
 
+@pytest.mark.slow
 def test_stacked_seeds_equal_their_single_runs_through_a_teacher_stage(tmp_path):
   mesh = parallel.make_mesh(2)
   stages = [toy_stage("teacher"), toy_stage("student", student=True)]
