@@ -15,6 +15,7 @@ import scipy.special
 from helpers import random_batch, tiny_spec
 
 from mer_jax.nn.attention import (
+    ModalityProjection,
     MultiHeadAttention,
     TransformerEncoder,
     absorbed_projections_are_cheaper,
@@ -375,6 +376,32 @@ def test_absorbed_and_projected_attention_agree_with_numpy_and_in_gradients(qkv_
                              rtol=1e-5, atol=1e-5)
   loss = lambda absorb: jax.grad(lambda p: jnp.sum(apply(absorb, p, True) ** 2))(params)
   chex.assert_trees_all_close(loss(True), loss(False), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel_size", [1, 2, 3, 4])
+def test_modality_projection_equals_a_same_convolution(kernel_size):
+  rng = np.random.default_rng(kernel_size)
+  x = rng.normal(size=(2, 7, 5)).astype(np.float32)
+  frame_mask = np.array([[1] * 7, [1] * 4 + [0] * 3], bool)
+  module = ModalityProjection(6, kernel_size)
+  params = module.init(jax.random.key(0), x, frame_mask)["params"]
+  params = jax.tree.map(lambda a: a + 0.1, params)  # a non-zero bias
+  chex.assert_shape(params["conv"]["kernel"], (kernel_size, 5, 6))
+  conv = flax.linen.Conv(6, (kernel_size,), padding="SAME")
+
+  def reference(p, x):  # nn.Conv itself (lax's convolution) with the same params
+    zeroed = jnp.where(frame_mask[..., None], x, 0.0)
+    return jnp.where(frame_mask[..., None], conv.apply({"params": p["conv"]}, zeroed), 0.0)
+
+  got = module.apply({"params": params}, x, frame_mask)
+  np.testing.assert_allclose(got, reference(params, x), rtol=1e-5, atol=1e-5)
+  if kernel_size % 2:
+    np.testing.assert_allclose(got[0], np_conv_same(x[:1], params["conv"])[0], rtol=1e-5,
+                               atol=1e-5)
+  loss = lambda f: jax.grad(lambda p, x: jnp.sum(jnp.sin(f(p, x))), argnums=(0, 1))(params, x)
+  chex.assert_trees_all_close(
+      loss(lambda p, x: module.apply({"params": p}, x, frame_mask)), loss(reference),
+      rtol=1e-4, atol=1e-5)
 
 def _unrolled(params, depth, name="layers", axis=0):
   """Scanned params (`name` with the layer axis at `axis`) -> the unrolled `name_{i}`."""

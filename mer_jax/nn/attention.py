@@ -122,10 +122,8 @@ class MultiHeadAttention(nn.Module):
     return nn.Dropout(self.dropout)(weights, deterministic=not attention_dropout)
 
   def _absorbed(self, q, keys, values, key_layer, value_layer, mask, attention_dropout):
-    if self.is_initializing():  # the key/value params, as the projected order makes them
-      key_layer(keys[..., :1, :])
-      value_layer(values[..., :1, :])
-    key_params, value_params = key_layer.variables["params"], value_layer.variables["params"]
+    key_params = _layer_params(key_layer, keys[..., :1, :], self.is_initializing())
+    value_params = _layer_params(value_layer, values[..., :1, :], self.is_initializing())
     q = q / jnp.sqrt(q.shape[-1]).astype(q.dtype)
     logits = jnp.einsum("bqhe,bke->bhqk", jnp.einsum("bqhd,ehd->bqhe", q,
                                                       key_params["kernel"]), keys)
@@ -139,6 +137,15 @@ class MultiHeadAttention(nn.Module):
     # Each query's weights sum to 1, or to what dropout left of 1.
     return h + jnp.einsum("bhqk,hd->bqhd", weights, value_params["bias"])
 
+
+
+def _layer_params(layer: nn.Module, example, initializing: bool):
+  """The params of a submodule that is used through its params rather than called: at
+  initialisation they are made by one call on `example` (the same initialisers, shapes
+  and names as a call on the real input)."""
+  if initializing:
+    layer(example)
+  return layer.variables["params"]
 
 class FeedForward(nn.Module):
   """Position-wise MLP: Dense(hidden) -> activation -> dropout -> Dense(width).
@@ -289,6 +296,11 @@ class ModalityProjection(nn.Module):
   Padded frames are zeroed before and after the convolution so that their content can
   never leak into real frames' outputs. `use_bias=False` is the official CMAD/MulT
   projection (a zero input then projects to zero).
+
+  The params are `nn.Conv`'s (`conv/kernel` (k, C, D), `conv/bias`), computed as one
+  matmul of every frame with the k taps side by side, (B T, C) x (C, k D), and k shifted
+  slices of it summed: the products and sums of a "SAME" convolution, without the layout
+  transposes XLA's CPU convolution puts around a (B, T, C) input.
   """
 
   features: int
@@ -298,6 +310,14 @@ class ModalityProjection(nn.Module):
   @nn.compact
   def __call__(self, x, frame_mask):
     x = jnp.where(frame_mask[..., None], x, 0.0)
-    x = nn.Conv(self.features, (self.kernel_size,), padding="SAME", use_bias=self.use_bias,
-                name="conv")(x)
-    return jnp.where(frame_mask[..., None], x, 0.0)
+    conv = nn.Conv(self.features, (self.kernel_size,), padding="SAME", use_bias=self.use_bias,
+                   name="conv")
+    params = _layer_params(conv, x[:, :1], self.is_initializing())
+    taps = jnp.einsum("btc,kcf->btkf", x, params["kernel"])
+    before = (self.kernel_size - 1) // 2  # lax's "SAME": the odd extra pad goes after
+    taps = jnp.pad(taps, ((0, 0), (before, self.kernel_size - 1 - before), (0, 0), (0, 0)))
+    length = x.shape[1]
+    y = sum(taps[:, k:k + length, k] for k in range(self.kernel_size))
+    if self.use_bias:
+      y = y + params["bias"]
+    return jnp.where(frame_mask[..., None], y, 0.0)
