@@ -13,10 +13,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from absl import flags
 from conftest import REPO
-from helpers import random_batch, tiny_spec
-from ml_collections import config_flags
+from helpers import parse_flags, random_batch, tiny_spec
 
 from mer_jax import parallel, train, trainer
 from mer_jax.data import pipeline
@@ -283,12 +281,7 @@ def test_configs():
 
 def parse_command_line(*overrides, name="cmad_mosei.py:tiny"):
   """The config `python -m mer_jax.train --config configs/NAME ...overrides` would run."""
-  argv = ["train", f"--config={os.path.join(REPO, 'configs', name)}", *overrides]
-  values = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True,
-                                  sys_argv=argv)
-  values(argv)
-  return values.config
+  return parse_flags(f"--config={os.path.join(REPO, 'configs', name)}", *overrides)
 
 
 def test_official_student_has_the_official_parameter_count():

@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 from conftest import REPO
-from helpers import random_batch, tiny_spec
+from helpers import parse_flags, random_batch, tiny_spec
 
 from mer_jax import crossval
 from mer_jax.data import missing, synthetic
@@ -565,18 +565,7 @@ def test_configs_carry_the_paper_settings(name, folds):
     assert config.model.common_length == 0  # the synthetic presets' own lengths
 
 
-def parse_command_line(*args):
-  """The config that `python -m mer_jax.train --config=... ARGS` would train: the same
-  absl config-file flag, parsed in a fresh flag namespace."""
-  from absl import flags
-  from ml_collections import config_flags
-
-  argv = ["train", *args]
-  flag_values = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values, lock_config=True,
-                                  sys_argv=argv)
-  flag_values(argv)
-  return flag_values.config
+parse_command_line = parse_flags  # the config `python -m mer_jax.train ARGS` would train
 
 
 @pytest.mark.parametrize("title", ["Baseline", "w/o attention", "w/o L_udcl", "w/o L_spcl",

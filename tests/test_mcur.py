@@ -10,10 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from absl import flags
 from conftest import REPO
-from helpers import random_batch, tiny_spec
-from ml_collections import config_flags
+from helpers import parse_flags, random_batch, tiny_spec
 
 from mer_jax import train
 from mer_jax.data.spec import DataSpec
@@ -222,12 +220,7 @@ def test_teacher_variants_of_table_14_build():
 
 def parse_command_line(*overrides, name="mcur_mosei.py:tiny"):
   """The config `python -m mer_jax.train --config configs/NAME ...overrides` would run."""
-  argv = ["train", f"--config={os.path.join(REPO, 'configs', name)}", *overrides]
-  values = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True,
-                                  sys_argv=argv)
-  values(argv)
-  return values.config
+  return parse_flags(f"--config={os.path.join(REPO, 'configs', name)}", *overrides)
 
 
 # Table 9 (A.5.3) and the datasets' widths; BERT-base without pooler (108,891,648) counted

@@ -1,7 +1,7 @@
 r"""CM-ARR on IEMOCAP: the three loss weights and the learning rate.
 
-    python -m mer_jax.sweep --config configs/cmarr_iemocap.py --space configs/sweeps/cmarr_iemocap.py \
-        --trials 40 --workdir runs/sweep_cmarr_iemocap
+    python -m mer_jax.sweep --config configs/cmarr_iemocap.py \
+        --space configs/sweeps/cmarr_iemocap.py --trials 40 --workdir runs/sweep_cmarr_iemocap
 
 The paper fixes alpha = 1, beta = 0.1, lambda = 10 without reporting a search; the log
 ranges span a decade around each. Selection is on the validation split of
