@@ -138,7 +138,6 @@ class MultiHeadAttention(nn.Module):
     return h + jnp.einsum("bhqk,hd->bqhd", weights, value_params["bias"])
 
 
-
 def _layer_params(layer: nn.Module, example, initializing: bool):
   """The params of a submodule that is used through its params rather than called: at
   initialisation they are made by one call on `example` (the same initialisers, shapes
@@ -146,6 +145,7 @@ def _layer_params(layer: nn.Module, example, initializing: bool):
   if initializing:
     layer(example)
   return layer.variables["params"]
+
 
 class FeedForward(nn.Module):
   """Position-wise MLP: Dense(hidden) -> activation -> dropout -> Dense(width).
