@@ -91,3 +91,18 @@ def cli_run(tmp_path_factory):
       with open(log.name) as f:
         raise AssertionError(f"{log.name}: exit {code}\n{f.read()[-4000:]}")
   return workdir
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+  """On an xdist worker under `--dist loadgroup`, every `xdist_group` test must carry its
+  group in its node id (what the scheduler groups by); a pytest that xdist cannot rename
+  would spread the shared trained runs over the workers, each building them again."""
+  if not getattr(config.option, "loadgroup", False):
+    return
+  ungrouped = [item.nodeid for item in items
+               if item.get_closest_marker("xdist_group") and "@" not in item.nodeid]
+  if ungrouped:
+    raise pytest.UsageError(
+        f"pytest-xdist could not group {len(ungrouped)} tests (e.g. {ungrouped[0]}): this "
+        f"pytest ({pytest.__version__}) is not one pyproject.toml allows; run bash setup.sh")

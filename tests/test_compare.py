@@ -25,6 +25,8 @@ HEADLINE = ["acc2_non0", "f1_non0", "mae", "corr"]
 # One device and one epoch keep each of the four runs short (compilation dominates);
 # passing them as overrides also runs that path.
 OVERRIDES = ["num_devices=1", "train.num_epochs=1"]
+# The comparison fixture (four runs) is built once, on one worker.
+pytestmark = pytest.mark.xdist_group("compare")
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +84,7 @@ def markdown_table(text, metric):
                       for cells in body}
 
 
+@pytest.mark.slow
 def test_table_numbers_match_the_seed_results(compared):
   workdir, _ = compared
   with open(os.path.join(workdir, "comparison.md")) as f:
@@ -106,6 +109,7 @@ def test_table_numbers_match_the_seed_results(compared):
         assert bold == (round(mean, 4) == best), (metric, row, method, cell)
 
 
+@pytest.mark.slow
 def test_csv_json_and_plot(compared):
   workdir, report = compared
   with open(os.path.join(workdir, "comparison.csv")) as f:
@@ -137,6 +141,7 @@ def snapshot(workdir):
   return times
 
 
+@pytest.mark.slow
 def test_second_invocation_does_no_retraining(compared, monkeypatch):
   workdir, report = compared
   before = snapshot(workdir)
@@ -204,6 +209,7 @@ def test_config_rules():
   assert compare.method_config("dqf", "iemocap", "tiny").path.endswith("dqf_meld.py")
 
 
+@pytest.mark.slow
 def test_borrowed_footnote_and_ablation_table(compared):
   workdir, report = compared
   marked = copy.deepcopy(report)

@@ -35,6 +35,10 @@ BATCH = 32
 LAMBDA_CONSIST = 3.0
 
 
+# The tests share module fixtures (compiled programs): one worker builds them.
+pytestmark = pytest.mark.xdist_group("ease")
+
+
 def tiny_config(**loss_overrides):
   config = ml_collections.ConfigDict()
   config.method = "ease"

@@ -15,6 +15,10 @@ from mer_jax.trainer import Predictor
 SPEC = tiny_spec("classification", num_classes=3)
 
 
+# The tests share module fixtures (compiled programs): one worker builds them.
+pytestmark = pytest.mark.xdist_group("evaluate")
+
+
 @pytest.fixture(scope="module")
 def dqf_setup():
   config = base_config()
@@ -23,7 +27,9 @@ def dqf_setup():
   (stage,) = dqf.build(config, SPEC)
   split = random_batch(SPEC, batch_size=21, seed=3)
   split["id"] = np.array([str(i) for i in range(21)])
-  params = stage.model.init(jax.random.key(0), random_batch(SPEC, 2), train=False)["params"]
+  example = random_batch(SPEC, 2)
+  params = jax.jit(lambda key: stage.model.init(key, example, train=False)["params"])(
+      jax.random.key(0))
   # Batches of 8 over 4 devices: three batches, the last one padded.
   predictor = Predictor(stage, parallel.make_mesh(0), 8, on_device=True)
   return predictor, params, split

@@ -294,6 +294,7 @@ def iemocap_run(tmp_path_factory):
   return workdir, results
 
 
+@pytest.mark.xdist_group("mcur_iemocap")  # with its module fixture, on one worker
 def test_two_stage_multilabel_run_writes_teacher_student_and_comparison(iemocap_run):
   workdir, results = iemocap_run
   for stage in ("teacher", "student"):

@@ -35,6 +35,7 @@ def _dtypes_in(jaxpr_text, primitive):
           if f"= {primitive}[" in line and ":" in line}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config_file", ["dqf_mosei.py", "mcur_mosei.py", "ease_mosei.py",
                                          "cmarr_iemocap.py"])
 def test_bfloat16_computes_in_bf16_and_stays_close_to_float32(config_file):
@@ -47,18 +48,20 @@ def test_bfloat16_computes_in_bf16_and_stays_close_to_float32(config_file):
   stage16 = build_stages(load_config(config_file, "bfloat16"), spec)[-1]
   assert stage16.compute_dtype == "bfloat16" and stage32.compute_dtype == "float32"
   batch = random_batch(spec, batch_size=8, seed=1)
-  params = stage32.model.init(jax.random.key(0), batch, train=False)["params"]
+  init = lambda model, key: jax.jit(lambda k: model.init(k, batch, train=False)["params"])(key)
+  params = init(stage32.model, jax.random.key(0))
   state = stage32.init_state()
   context = StageContext()
   if stage32.name == "student":  # a frozen (untrained) teacher
     teacher = build_stages(config32, spec)[0]
-    context = StageContext(frozen=teacher.model.init(jax.random.key(1), batch,
-                                                     train=False)["params"],
+    context = StageContext(frozen=init(teacher.model, jax.random.key(1)),
                            frozen_state=teacher.init_state())
   key = jax.random.key(2)
 
+  # Jitted as in the train step: one compile per program instead of one per eager op.
   def loss_and_grad(stage):
-    return jax.value_and_grad(stage.loss_fn, has_aux=True)(params, state, batch, key, context)
+    loss = lambda p: stage.loss_fn(p, state, batch, key, context)
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
 
   (loss32, (metrics32, _)), grads32 = loss_and_grad(stage32)
   (loss16, (metrics16, state16)), grads16 = loss_and_grad(stage16)
@@ -83,16 +86,20 @@ def test_bfloat16_computes_in_bf16_and_stays_close_to_float32(config_file):
   cosine = flat16 @ flat32 / (np.linalg.norm(flat16) * np.linalg.norm(flat32))
   assert cosine > 0.95, cosine
 
-  out16 = stage16.predict(params, state, batch)["output"]
-  out32 = stage32.predict(params, state, batch)["output"]
+  out16 = jax.jit(stage16.predict)(params, state, batch)["output"]
+  out32 = jax.jit(stage32.predict)(params, state, batch)["output"]
   assert out16.dtype == jnp.float32
   np.testing.assert_allclose(out16, out32, rtol=0.05, atol=0.05)
 
 
-def _train(dtype, steps=30):
-  config = load_config("dqf_mosei.py", dtype)
-  config.train.learning_rate = 3e-3
-  (stage,) = build_stages(config, SPEC)
+def _train(dtype, steps=15):
+  # MCUR's teacher (a Perceiver with a fusion transformer) trains alone and compiles in a
+  # fraction of DQF's time; the student's bfloat16 path is checked above.
+  config = load_config("mcur_mosei.py", dtype)
+  # At this rate the loss still falls at the last step, where dropout noise is small
+  # against the fall (at 3e-3 it flattens out and the noise dominates the comparison).
+  config.train.learning_rate = 1e-3
+  stage = build_stages(config, SPEC)[0]
   batch = random_batch(SPEC, batch_size=16, seed=3)
   mesh = parallel.make_mesh(0)
   tx = make_optimizer(config.train, steps, 1)
@@ -107,6 +114,7 @@ def _train(dtype, steps=30):
   return state, np.array(losses)
 
 
+@pytest.mark.slow
 def test_bfloat16_training_tracks_float32_with_float32_params():
   state16, losses16 = _train("bfloat16")
   _, losses32 = _train("float32")

@@ -14,9 +14,12 @@ from helpers import epoch_records, load_config, read_log, tiny_run_config
 from mer_jax import train, trainer
 
 # Every test here trains or reads the shared run (conftest.tiny_run): one xdist worker.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("tiny_run")]
+# The checks that read the shared run go to its worker; the seeds check trains its own.
+pytestmark = pytest.mark.slow
+tiny_run_group = pytest.mark.xdist_group("tiny_run")
 
 
+@tiny_run_group
 def test_run_writes_every_output(tiny_run):
   workdir, results = tiny_run
   for path in ("config.json", "log.jsonl", "eval/results.json", "eval/results.csv",
@@ -44,6 +47,7 @@ def test_run_writes_every_output(tiny_run):
   assert saved["frame1.0_L"]["mae"] != saved["frame0.0_L"]["mae"]
 
 
+@tiny_run_group
 def test_restarting_a_finished_run_resumes_instead_of_retraining(tiny_run, tmp_path,
                                                                  monkeypatch):
   workdir = str(tmp_path / "run")
@@ -67,6 +71,7 @@ def test_restarting_a_finished_run_resumes_instead_of_retraining(tiny_run, tmp_p
   assert "MR0.3" in again and "MR0.5" not in again
 
 
+@tiny_run_group
 def test_a_longer_run_continues_from_the_last_epoch(tiny_run, tmp_path):
   workdir = str(tmp_path / "run")
   shutil.copytree(tiny_run[0], workdir)
@@ -80,6 +85,7 @@ def test_a_longer_run_continues_from_the_last_epoch(tiny_run, tmp_path):
   assert resumed and resumed[0]["epoch"] == 2
 
 
+@tiny_run_group
 def test_same_validation_losses_on_one_and_four_devices(tiny_run, tmp_path):
   config = tiny_run_config()
   config.num_devices = 1
