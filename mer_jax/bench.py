@@ -7,11 +7,19 @@ the training loop's epoch seconds and `epoch_overhead_fraction` (validation + ch
 writes over an epoch's wall time, measured on `--loop_epochs` real epochs), train steps/s
 and samples/s (median of repeats with min/max), evaluation samples/s, parameter counts
 (`num_params`, `num_params_text_encoder` and `num_params_without_text_encoder`),
-achieved FLOP/s of the train step (XLA's cost analysis) against an fp32 matmul rate
-measured in the same run, peak device memory where the backend reports it, and the
-device kind and count. For two-stage methods the last stage (the student) is measured,
-with the frozen teacher's outputs computed once for the split as the trainer does
-(`teacher_cache`; per step with `--config.train.cache_teacher=False`).
+achieved FLOP/s of the train step against an fp32 matmul rate measured in the same run,
+peak device memory where the backend reports it, and the device kind and count. For
+two-stage methods the last stage (the student) is measured, with the frozen teacher's
+outputs computed once for the split as the trainer does (`teacher_cache`; per step with
+`--config.train.cache_teacher=False`).
+
+FLOPs: `train_step_flops` counts the matrix products (dot_general, convolutions) of the
+step's jaxpr, a scanned layer once per layer (`matmul_flops`); `train_step_xla_flops`
+is XLA's `cost_analysis()` (every op, but a while-loop body once, so a scanned stack
+counts as one layer). `teacher_forward_flops` is the frozen teacher's forward on one
+batch; with the teacher cache, `train_step_flops_teacher_counted` adds it to the step (the
+work of the per-step form), and `fraction_of_matmul_rate_teacher_counted` is that count
+per step time over the matmul rate, so the cache shows as a gain.
 
 Ratios measured in the same run: `eval_batched_speedup`, the 7 fixed combinations
 evaluated one compiled call per scenario against all in one vmapped call, and
@@ -31,6 +39,7 @@ import tempfile
 import time
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -67,11 +76,45 @@ def matmul_flops_per_second(size: int = 1024, repeats: int = 5) -> float:
   return 2 * size**3 / float(np.median(_timed(lambda: matmul(a), repeats)))
 
 
-def _flops(compiled) -> float | None:
+def _xla_flops(compiled) -> float | None:
   analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):
     analysis = analysis[0] if analysis else None
   return float(analysis["flops"]) if analysis and "flops" in analysis else None
+
+
+def _equation_matmul_flops(eqn) -> float:
+  out = eqn.outvars[0].aval
+  if eqn.primitive.name == "dot_general":
+    (lhs_contracting, _), _ = eqn.params["dimension_numbers"]
+    lhs = eqn.invars[0].aval.shape
+    return 2.0 * np.prod(out.shape) * np.prod([lhs[d] for d in lhs_contracting])
+  # conv_general_dilated: every output element sums over the kernel's spatial window and
+  # its (per-group) input features.
+  rhs = eqn.invars[1].aval.shape
+  rhs_spec = eqn.params["dimension_numbers"].rhs_spec
+  return 2.0 * np.prod(out.shape) * np.prod([rhs[d] for d in rhs_spec[1:]])
+
+
+def matmul_flops(jaxpr) -> float:
+  """FLOPs of the matrix products (dot_general, convolutions) of a (closed) jaxpr, as
+  the program runs them: a scan's body counts `length` times, a cond its costliest
+  branch, a while loop's body once (its trip count is not static).
+
+  XLA's `cost_analysis()` counts every while-loop body once, so it undercounts a model
+  whose layers run under `nn.scan` by about the depth; this count does not.
+  """
+  total = 0.0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+      total += _equation_matmul_flops(eqn)
+      continue
+    inner = [matmul_flops(sub) for sub in jax.extend.core.jaxprs_in_params(eqn.params)]
+    if eqn.primitive.name == "cond":
+      total += max(inner, default=0.0)
+    else:
+      total += sum(inner) * (eqn.params["length"] if eqn.primitive.name == "scan" else 1)
+  return total
 
 
 def checkpoint_save_seconds(state, repeats: int = 3) -> float:
@@ -147,7 +190,12 @@ def run_benchmark(config, *, steps: int = 10, repeats: int = 3, loop_epochs: int
   started = time.perf_counter()
   compiled = step.lower(state, batch).compile()
   compile_seconds = time.perf_counter() - started
-  flops = _flops(compiled)
+  flops = matmul_flops(step.trace(state, batch).jaxpr)
+  # The frozen teacher's forward on one batch: inside the step without the cache; with
+  # it, the work the cache saves per step (counted as if it still ran, for the rate).
+  teacher_flops = (matmul_flops(jax.make_jaxpr(stage.teacher_forward)(context.frozen, batch))
+                   if stage.teacher_forward is not None else None)
+  flops_teacher_counted = flops + (teacher_flops if cached else 0.0)
   save_seconds = checkpoint_save_seconds(state)
 
   def run_steps():
@@ -237,9 +285,13 @@ def run_benchmark(config, *, steps: int = 10, repeats: int = 3, loop_epochs: int
       "num_seeds": config.num_seeds,
       "seeds_time_ratio": seeds_seconds / median if seeds_seconds else None,
       "train_step_flops": flops,
-      "train_flops_per_second": flops / median if flops else None,
+      "train_step_xla_flops": _xla_flops(compiled),
+      "teacher_forward_flops": teacher_flops,
+      "train_step_flops_teacher_counted": flops_teacher_counted,
+      "train_flops_per_second": flops / median,
       "matmul_flops_per_second": matmul_rate,
-      "fraction_of_matmul_rate": flops / median / matmul_rate if flops else None,
+      "fraction_of_matmul_rate": flops / median / matmul_rate,
+      "fraction_of_matmul_rate_teacher_counted": flops_teacher_counted / median / matmul_rate,
       "peak_memory_bytes": (memory or {}).get("peak_bytes_in_use"),
       **(loop_figures(stage, config, splits, spec, mesh, context, epochs=loop_epochs)
          if loop_epochs > 1 else {}),

@@ -651,6 +651,9 @@ class _BoundStep:
   def lower(self, state, batch):
     return self._jitted.lower(state, batch, *self._constants)
 
+  def trace(self, state, batch):
+    return self._jitted.trace(state, batch, *self._constants)
+
 
 def make_train_step(stage: Stage, tx, train_key, context: StageContext, mesh, *,
                     seed_axis: bool = False):

@@ -7,12 +7,13 @@ import math
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import load_config
 
 from mer_jax import trainer
-from mer_jax.bench import run_benchmark
+from mer_jax.bench import matmul_flops, run_benchmark
 from mer_jax.data import pipeline
 from mer_jax.methods import build_stages
 
@@ -78,3 +79,31 @@ def test_benchmark_times_stacked_seeds_with_stacked_teachers():
   assert record["train_steps_per_second_min"] <= record["train_steps_per_second"]
   assert record["train_steps_per_second"] <= record["train_steps_per_second_max"]
   assert "epoch_overhead_fraction" not in record  # loop_epochs=0 skips the loop
+  # The cached teacher's forward is counted on top of the step, as if it still ran.
+  assert record["teacher_cache"] and record["teacher_forward_flops"] > 0
+  assert record["train_step_flops_teacher_counted"] == pytest.approx(
+      record["train_step_flops"] + record["teacher_forward_flops"])
+  assert record["fraction_of_matmul_rate_teacher_counted"] == pytest.approx(
+      record["fraction_of_matmul_rate"] * record["train_step_flops_teacher_counted"]
+      / record["train_step_flops"])
+
+
+def test_matmul_flops_counts_scanned_layers_convolutions_and_gradients():
+  x, w = jnp.ones((4, 6)), jnp.ones((6, 6))
+  layers = lambda x: jax.lax.scan(lambda h, _: (jnp.tanh(h @ w), None), x, length=5)[0]
+  assert matmul_flops(jax.make_jaxpr(layers)(x)) == 5 * 2 * 4 * 6 * 6
+  # Batched contraction: (B, T, D) x (B, S, D) -> (B, T, S).
+  scores = lambda q, k: jnp.einsum("btd,bsd->bts", q, k)
+  assert matmul_flops(jax.make_jaxpr(scores)(jnp.ones((3, 5, 8)), jnp.ones((3, 7, 8)))) \
+      == 2 * 3 * 5 * 7 * 8
+  conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (1,), "SAME",
+                                                   dimension_numbers=("NWC", "WIO", "NWC"))
+  signal, kernel = jnp.ones((2, 10, 5)), jnp.ones((3, 5, 7))
+  forward = 2 * 2 * 10 * 7 * (3 * 5)  # each output sums over 3 taps x 5 input features
+  assert matmul_flops(jax.make_jaxpr(conv)(signal, kernel)) == forward
+  # The gradient with respect to both operands costs two more convolutions of that size.
+  both = jax.grad(lambda x, k: conv(x, k).sum(), argnums=(0, 1))
+  assert matmul_flops(jax.make_jaxpr(both)(signal, kernel)) == 3 * forward
+  # A cond counts its costliest branch.
+  branch = lambda x: jax.lax.cond(x.sum() > 0, lambda: x @ w @ w, lambda: x @ w)
+  assert matmul_flops(jax.make_jaxpr(branch)(x)) == 2 * (2 * 4 * 6 * 6)

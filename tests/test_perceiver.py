@@ -14,7 +14,13 @@ import pytest
 import scipy.special
 from helpers import random_batch, tiny_spec
 
-from mer_jax.nn.attention import MultiHeadAttention, TransformerEncoder, attention_mask
+from mer_jax.nn.attention import (
+    ModalityProjection,
+    MultiHeadAttention,
+    TransformerEncoder,
+    absorbed_projections_are_cheaper,
+    attention_mask,
+)
 from mer_jax.nn.fusion import PerceiverFusion
 from mer_jax.nn.perceiver import Perceiver
 from mer_jax.nn.stack import stack_unrolled_params
@@ -336,6 +342,66 @@ def test_attention_inner_width_matches_numpy():
                         jax.tree.map(lambda a: np.asarray(a, np.float64), params), key_mask)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
+
+
+@pytest.mark.parametrize("qkv_bias", [True, False])
+def test_absorbed_and_projected_attention_agree_with_numpy_and_in_gradients(qkv_bias):
+  rng = np.random.default_rng(7)
+  queries = rng.normal(size=(2, 3, 8)).astype(np.float32)  # 3 queries, head dim 6
+  keys = rng.normal(size=(2, 11, 5)).astype(np.float32)
+  values = rng.normal(size=(2, 11, 5)).astype(np.float32)
+  key_mask = np.array([[1] * 4 + [0] * 7, [0] * 11], bool)  # sample 1: no real key
+  mask = attention_mask(np.ones((2, 3), bool), key_mask)
+  module = MultiHeadAttention(num_heads=2, head_dim=6, qkv_bias=qkv_bias, dropout=0.3)
+  params = init(module, queries, keys, mask=mask)
+  if qkv_bias:  # non-zero biases, so that q . bk and bv are exercised
+    params = jax.tree.map(lambda a: a + 0.1 * jnp.arange(a.size).reshape(a.shape) / a.size,
+                          params)
+  assert absorbed_projections_are_cheaper(3, 11, 5, 5, 2, 6)
+  assert not absorbed_projections_are_cheaper(11, 11, 16, 16, 2, 6)  # self-attention
+
+  def apply(absorb, p, train, v=values):
+    return module.clone(absorb=absorb).apply({"params": p}, queries, keys, v, mask=mask,
+                                             train=train, rngs={"dropout": jax.random.key(3)})
+
+  projected, absorbed = apply(False, params, False), apply(True, params, False)
+  np.testing.assert_allclose(absorbed, projected, rtol=1e-5, atol=1e-5)
+  np64 = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  np.testing.assert_allclose(
+      apply(True, params, False, keys),
+      np_attention(queries.astype(np.float64), keys.astype(np.float64), np64, key_mask),
+      rtol=1e-4, atol=1e-5)
+  # Training: the same dropout mask on the same weights; gradients of every param equal.
+  np.testing.assert_allclose(apply(True, params, True), apply(False, params, True),
+                             rtol=1e-5, atol=1e-5)
+  loss = lambda absorb: jax.grad(lambda p: jnp.sum(apply(absorb, p, True) ** 2))(params)
+  chex.assert_trees_all_close(loss(True), loss(False), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel_size", [1, 2, 3, 4])
+def test_modality_projection_equals_a_same_convolution(kernel_size):
+  rng = np.random.default_rng(kernel_size)
+  x = rng.normal(size=(2, 7, 5)).astype(np.float32)
+  frame_mask = np.array([[1] * 7, [1] * 4 + [0] * 3], bool)
+  module = ModalityProjection(6, kernel_size)
+  params = module.init(jax.random.key(0), x, frame_mask)["params"]
+  params = jax.tree.map(lambda a: a + 0.1, params)  # a non-zero bias
+  chex.assert_shape(params["conv"]["kernel"], (kernel_size, 5, 6))
+  conv = flax.linen.Conv(6, (kernel_size,), padding="SAME")
+
+  def reference(p, x):  # nn.Conv itself (lax's convolution) with the same params
+    zeroed = jnp.where(frame_mask[..., None], x, 0.0)
+    return jnp.where(frame_mask[..., None], conv.apply({"params": p["conv"]}, zeroed), 0.0)
+
+  got = module.apply({"params": params}, x, frame_mask)
+  np.testing.assert_allclose(got, reference(params, x), rtol=1e-5, atol=1e-5)
+  if kernel_size % 2:
+    np.testing.assert_allclose(got[0], np_conv_same(x[:1], params["conv"])[0], rtol=1e-5,
+                               atol=1e-5)
+  loss = lambda f: jax.grad(lambda p, x: jnp.sum(jnp.sin(f(p, x))), argnums=(0, 1))(params, x)
+  chex.assert_trees_all_close(
+      loss(lambda p, x: module.apply({"params": p}, x, frame_mask)), loss(reference),
+      rtol=1e-4, atol=1e-5)
 
 def _unrolled(params, depth, name="layers", axis=0):
   """Scanned params (`name` with the layer axis at `axis`) -> the unrolled `name_{i}`."""

@@ -174,7 +174,10 @@ def official_backbone(model: ml_collections.ConfigDict) -> None:
   model.position_embedding = False  # none in the official model
   model.modality_embedding = False
   model.absent_modality = "zero"  # modality_drop multiplies the inputs by 0, nothing masked
-  model.scan = True  # layer stacks under nn.scan (same numerics as unrolled)
+  # Layer stacks unrolled (`layers_{i}`): on CPU the scanned form runs the depth-5 step
+  # 1.5x slower (stacked residual buffers, zero-filled and updated every layer) and
+  # compiles no faster (docs/performance.md, issue 17); True scans them, same numbers.
+  model.scan = False
   model.remat = False
   scale_backbone(model, width=96, heads=16)  # --d_l 96, --num_heads 16
 
