@@ -62,5 +62,8 @@ if __name__ == "__main__":
 
   workdir, space, trials = sys.argv[1], sys.argv[2], int(sys.argv[3])
   storage = sys.argv[4] if len(sys.argv) > 4 else None
+  # A long heartbeat: on a loaded machine a process waiting on the SQLite lock must not
+  # see its running trial failed as stale by the other one (a killed process's trials
+  # are reclaimed by its pid on this host, not by the heartbeat).
   sweep.run_sweep(load_config(), space, workdir=workdir, trials=trials, storage=storage,
-                  trial_fn=fake_trial, heartbeat_seconds=10)
+                  trial_fn=fake_trial, heartbeat_seconds=120)
