@@ -188,9 +188,10 @@ def run_benchmark(config, *, steps: int = 10, repeats: int = 3, loop_epochs: int
   batch = batcher.batch(rows[0])
 
   started = time.perf_counter()
-  compiled = step.lower(state, batch).compile()
+  traced = step.trace(state, batch)  # traced once: compiled and counted from one jaxpr
+  compiled = traced.lower().compile()
   compile_seconds = time.perf_counter() - started
-  flops = matmul_flops(step.trace(state, batch).jaxpr)
+  flops = matmul_flops(traced.jaxpr)
   # The frozen teacher's forward on one batch: inside the step without the cache; with
   # it, the work the cache saves per step (counted as if it still ran, for the rate).
   teacher_flops = (matmul_flops(jax.make_jaxpr(stage.teacher_forward)(context.frozen, batch))

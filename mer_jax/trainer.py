@@ -648,9 +648,6 @@ class _BoundStep:
   def __call__(self, state, batch):
     return self._jitted(state, batch, *self._constants)
 
-  def lower(self, state, batch):
-    return self._jitted.lower(state, batch, *self._constants)
-
   def trace(self, state, batch):
     return self._jitted.trace(state, batch, *self._constants)
 

@@ -92,7 +92,7 @@ def test_one_compiled_step_serves_runs_of_any_length():
     state = parallel.replicate(trainer.init_train_state(stage, tx, batch, jax.random.key(0)),
                                mesh)
     step = trainer.make_train_step(stage, tx, jax.random.key(1), StageContext(), mesh)
-    texts.append(step.lower(state, batch).as_text())
+    texts.append(step.trace(state, batch).lower().as_text())
     assert int(jax.tree.leaves(
         [s for s in jax.tree.leaves(state.opt_state, is_leaf=lambda x: isinstance(
             x, trainer.ScheduleState)) if isinstance(s, trainer.ScheduleState)][0].total_steps
