@@ -121,6 +121,39 @@ def test_packed_checkpoint_round_trip_and_layout_errors(tmp_path):
     trainer.restore_latest(str(tmp_path / "latest"), other)
 
 
+def test_optimizer_state_is_flat_and_format_2_checkpoints_restore(tmp_path, monkeypatch):
+  train_config = toy_train_config(optimizer="adamw", grad_clip=0.5).train
+  tx = trainer.make_optimizer(train_config, 3, 2)
+  params = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(3)}
+  adam_state = tx.init(params)[1][0]  # (clip, (adam, decay, schedule))
+  chex.assert_shape([adam_state.mu, adam_state.nu], (9,))  # one vector, not one per array
+  # A format-2 checkpoint held the per-parameter state of the same transformations.
+  per_array = optax.chain(optax.clip_by_global_norm(0.5), optax.chain(
+      optax.scale_by_adam(), optax.add_decayed_weights(1e-4),
+      trainer.scale_by_schedule_length("constant", 1e-3, 6, 0)))
+  clip_state, (adam, decay, schedule) = per_array.init(params)
+  adam = adam._replace(mu={"w": jnp.arange(6.0).reshape(2, 3) + 10, "b": jnp.arange(3.0) + 20})
+  old_opt_state = (clip_state, (adam, decay, schedule))
+  old_state = {"params": params, "opt_state": old_opt_state}
+  monkeypatch.setattr(trainer, "CHECKPOINT_FORMAT", 2)
+  manager = trainer._manager(str(tmp_path / "latest"))
+  trainer._save(manager, 1, old_state)
+  manager.wait_until_finished()
+  monkeypatch.undo()
+  target = {"params": jax.tree.map(jnp.zeros_like, params), "opt_state": tx.init(params)}
+  restored = trainer.restore_latest(str(tmp_path / "latest"), target)
+  chex.assert_trees_all_equal(restored["params"], params)
+  # ravel order: the dict's sorted keys, "b" then "w".
+  np.testing.assert_array_equal(restored["opt_state"][1][0].mu,
+                                np.r_[20.0, 21, 22, np.arange(6.0) + 10])
+  # A format-3 checkpoint of per-array state is another model, named as such.
+  manager = trainer._manager(str(tmp_path / "other"))
+  trainer._save(manager, 1, old_state)
+  manager.wait_until_finished()
+  with pytest.raises(trainer.CheckpointError, match="opt_state/1/0/mu"):
+    trainer.restore_latest(str(tmp_path / "other"), target)
+
+
 class Recorder:
   """Records the checkpoint ids `trainer._save` writes, per kind."""
 
