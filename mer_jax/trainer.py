@@ -664,15 +664,32 @@ def validate(predictor: Predictor, params, method_state, split, spec, *, scenari
 # ----------------------------------------------------------------------------- training
 
 
+# XLA options for programs that run once, such as parameter initialisation: their
+# optimisation passes cost far more than they save (DQF's `:synthetic` initialisation
+# compiled in 24 s with them, 9 s without; its run time is milliseconds either way).
+RUN_ONCE_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0,
+                             "xla_llvm_disable_expensive_passes": True}
+
+
+def run_once(fn, *args):
+  """`jax.jit(fn)(*args)`, compiled with `RUN_ONCE_COMPILER_OPTIONS`."""
+  return jax.jit(fn).lower(*args).compile(compiler_options=RUN_ONCE_COMPILER_OPTIONS)(*args)
+
+
 def init_train_state(stage: Stage, tx, example_batch, key) -> TrainState:
-  """Fresh parameters, optimiser and method state of a stage (vmap it over keys for
-  stacked seeds)."""
-  params = jax.jit(lambda k: stage.model.init({"params": k, "dropout": k}, example_batch,
-                                              train=False)["params"])(key)
-  return TrainState(
-      step=jnp.zeros((), jnp.int32), epoch=jnp.zeros((), jnp.int32), params=params,
-      opt_state=tx.init(params), method_state=stage.init_state(),
-      best_value=jnp.asarray(-jnp.inf, jnp.float32), best_epoch=jnp.asarray(-1, jnp.int32))
+  """Fresh parameters, optimiser and method state of a stage, as one program that runs
+  once (`run_once`); traced inline under a transformation (vmap it over keys for stacked
+  seeds, inside `run_once`)."""
+
+  def fresh(key):
+    params = stage.model.init({"params": key, "dropout": key}, example_batch,
+                              train=False)["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), epoch=jnp.zeros((), jnp.int32), params=params,
+        opt_state=tx.init(params), method_state=stage.init_state(),
+        best_value=jnp.asarray(-jnp.inf, jnp.float32), best_epoch=jnp.asarray(-1, jnp.int32))
+
+  return fresh(key) if isinstance(key, jax.core.Tracer) else run_once(fresh, key)
 
 
 class _BoundStep:
@@ -893,8 +910,8 @@ def _init_state(stage: Stage, tx, batcher: Batcher, seeds, stage_index: int, mes
           for seed in seeds]
   example = {k: v[:2] for k, v in batcher.arrays.items()}
   if stacked:
-    state = jax.jit(jax.vmap(lambda key: init_train_state(stage, tx, example, key)))(
-        jnp.stack([k[0] for k in keys]))
+    state = run_once(jax.vmap(lambda key: init_train_state(stage, tx, example, key)),
+                     jnp.stack([k[0] for k in keys]))
     return parallel.replicate(state, mesh), jnp.stack([k[1] for k in keys])
   return parallel.replicate(init_train_state(stage, tx, example, keys[0][0]), mesh), keys[0][1]
 
