@@ -218,7 +218,8 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
 
 def evaluate_run(workdir: str, config=None, *, checkpoint: str | None = None,
                  embeddings: bool | None = None, split_name: str | None = None,
-                 data=None, mesh=None, eval_data=None, adapt_widths: bool = False) -> dict:
+                 data=None, mesh=None, eval_data=None, adapt_widths: bool = False,
+                 stages=None) -> dict:
   """Evaluates every stage of a run; writes DIR/eval/ for the final stage and
   DIR/eval/<stage>/ for earlier ones. Returns the final stage's results.
 
@@ -226,7 +227,8 @@ def evaluate_run(workdir: str, config=None, *, checkpoint: str | None = None,
   another dataset of the same task) is evaluated instead of the run's own data, into
   DIR/eval_<name>/; with `adapt_widths` feature widths that differ from the trained
   ones are zero-padded / truncated (`sources.cross_dataset`, which logs a warning),
-  without it they are an error naming both.
+  without it they are an error naming both. `stages`: the run's `build_stages` (the
+  trainer's own, whose compiled forwards the evaluation then reuses).
   """
   config = config or load_run_config(workdir)
   checkpoint = checkpoint or config.eval.checkpoint
@@ -247,7 +249,7 @@ def evaluate_run(workdir: str, config=None, *, checkpoint: str | None = None,
   splits, spec = data or pipeline.load_data(config.data)
   mesh = mesh or parallel.make_mesh(config.num_devices)
   split = splits[split_name]
-  stages = build_stages(config, spec)
+  stages = stages or build_stages(config, spec)
   example = {k: v[:2] for k, v in pipeline.device_arrays(split).items()}
   eval_key = jax.random.fold_in(jax.random.key(config.seed), 10_000)
   all_results = {}

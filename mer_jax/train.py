@@ -166,8 +166,8 @@ def _log_start(logger: RunLogger, config, mesh, splits, **extra):
                 "num_train": len(splits["train"]["label"]), **extra})
 
 
-def _evaluate(config, workdir: str, data, mesh, logger: RunLogger) -> dict:
-  results = evaluate.evaluate_run(workdir, config, data=data, mesh=mesh)
+def _evaluate(config, workdir: str, data, mesh, logger: RunLogger, stages=None) -> dict:
+  results = evaluate.evaluate_run(workdir, config, data=data, mesh=mesh, stages=stages)
   logger.write({"event": "evaluated", **{f"test/{k}": v for k, v in results["summary"].items()
                                          if isinstance(v, (int, float))}})
   logger.figures(os.path.join(workdir, "eval"))
@@ -188,7 +188,7 @@ def _run_one(config, workdir: str, data, allow_config_change: bool, on_epoch=Non
       params, method_state = train_stage(stage, config, splits, spec, mesh, workdir,
                                          stage_index=index, context=context, logger=logger)
       context = StageContext(frozen=params, frozen_state=method_state)
-    return _evaluate(config, workdir, data, mesh, logger)
+    return _evaluate(config, workdir, data, mesh, logger, stages)
   finally:
     logger.close()
 

@@ -10,6 +10,7 @@ device count computes the same global-batch losses.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 import signal
@@ -548,10 +549,11 @@ class Predictor:
     placed = placement(config.data)
     if on_device is not None:
       placed["on_device"] = on_device
-    return cls(stage, mesh, batch_size or config.eval.batch_size, **placed,
-               frame_mode=config.eval.get("frame_mode", "random"),
-               frame_fill=config.eval.get("frame_fill", "zero"),
-               flag_dropped=bool(config.missing.get("flag_dropped_frames", False)))
+    return _shared_predictor(cls, stage, mesh, batch_size or config.eval.batch_size,
+                             placed["on_device"], placed["device_memory_share"],
+                             config.eval.get("frame_mode", "random"),
+                             config.eval.get("frame_fill", "zero"),
+                             bool(config.missing.get("flag_dropped_frames", False)))
 
   def _batcher(self, split: Mapping[str, np.ndarray]) -> Batcher:
     # One resident copy per split, reused by every scenario evaluated on it.
@@ -603,6 +605,17 @@ class Predictor:
         frame_rates=np.asarray(frame_rates, np.float32)[None],
         noise_intensities=np.asarray([noise_intensity], np.float32), keys=key[None])
     return {k: v[0] for k, v in outputs.items()}
+
+
+@functools.lru_cache(maxsize=8)
+def _shared_predictor(cls, stage, mesh, batch_size, on_device, device_memory_share, frame_mode,
+                      frame_fill, flag_dropped) -> Predictor:
+  """One predictor per stage object and settings in a process: the final evaluation of a
+  run reuses the forward its validation traced and compiled (a stage rebuilt from the
+  config is another object, and gets its own)."""
+  return cls(stage, mesh, batch_size, on_device=on_device,
+             device_memory_share=device_memory_share, frame_mode=frame_mode,
+             frame_fill=frame_fill, flag_dropped=flag_dropped)
 
 
 def selection_value(results: Mapping[str, Mapping[str, float]], metric: str) -> float:
@@ -1133,6 +1146,16 @@ def _subtree(checkpoint: Mapping, name: str, like, path: str):
   return jax.tree.unflatten(jax.tree.structure(like), [by_name[e[0]] for e in expected])
 
 
+@functools.lru_cache(maxsize=8)
+def _param_shapes(stage: Stage, signature: tuple):
+  """The stage's parameter shapes for a batch of `signature` ((name, shape, dtype), ...),
+  traced once per stage object: a run's final evaluation reads the stage it trained."""
+  example = {name: jax.ShapeDtypeStruct(shape, dtype) for name, shape, dtype in signature}
+  return jax.eval_shape(lambda batch: stage.model.init(
+      {"params": jax.random.key(0), "dropout": jax.random.key(0)}, batch,
+      train=False)["params"], example)
+
+
 def load_stage_params(workdir: str, stage: Stage, example_batch, *, checkpoint: str = "best"):
   """(params, method_state, epoch) of a trained stage, from its best or latest checkpoint.
 
@@ -1145,8 +1168,8 @@ def load_stage_params(workdir: str, stage: Stage, example_batch, *, checkpoint: 
   if saved is None:
     raise FileNotFoundError(f"no {checkpoint} checkpoint in {path}: train first with "
                             "python -m mer_jax.train --workdir ...")
-  params = jax.eval_shape(lambda: stage.model.init(
-      {"params": jax.random.key(0), "dropout": jax.random.key(0)}, example_batch,
-      train=False)["params"])
+  signature = tuple((name, tuple(x.shape), str(x.dtype))
+                    for name, x in sorted(example_batch.items()))
+  params = _param_shapes(stage, signature)
   return (_subtree(saved, "params", params, path),
           _subtree(saved, "method_state", stage.init_state(), path), int(saved["epoch"]))
