@@ -519,26 +519,7 @@ class Predictor:
     self.on_device = on_device
     self.device_memory_share = device_memory_share
     self._cached = None
-
-    def one_scenario(params, method_state, batch, modality_mask, frame_rates, noise_intensity,
-                     key):
-      frame_key, noise_key = jax.random.split(key)
-      batch = missing.apply_modality_mask(batch, modality_mask)
-      batch = missing.apply_frame_masking(frame_key, batch, frame_rates, mode=frame_mode,
-                                          fill=frame_fill, flag_dropped=flag_dropped)
-      batch = missing.add_noise(noise_key, batch, noise_intensity)
-      out = stage.predict(params, method_state, batch)
-      return {"output": out["output"], "embedding": out["embedding"]}
-
-    def forward(params, method_state, batch, frame_rates, noise_intensity, keys, batch_index):
-      # The scenario axis of the modality masks sits after the batch axis, so the masks
-      # shard over the mesh like every other batch array.
-      modality_masks = batch.pop("scenario_modality_mask")
-      keys = jax.vmap(lambda k: jax.random.fold_in(k, batch_index))(keys)
-      return jax.vmap(one_scenario, in_axes=(None, None, None, 1, 0, 0, 0), out_axes=1)(
-          params, method_state, batch, modality_masks, frame_rates, noise_intensity, keys)
-
-    self._forward = jax.jit(forward)
+    self._forward = _scenario_forward(stage, frame_mode, frame_fill, flag_dropped)
 
   @classmethod
   def from_config(cls, stage: Stage, mesh, config, *, batch_size: int | None = None,
@@ -549,11 +530,10 @@ class Predictor:
     placed = placement(config.data)
     if on_device is not None:
       placed["on_device"] = on_device
-    return _shared_predictor(cls, stage, mesh, batch_size or config.eval.batch_size,
-                             placed["on_device"], placed["device_memory_share"],
-                             config.eval.get("frame_mode", "random"),
-                             config.eval.get("frame_fill", "zero"),
-                             bool(config.missing.get("flag_dropped_frames", False)))
+    return cls(stage, mesh, batch_size or config.eval.batch_size, **placed,
+               frame_mode=config.eval.get("frame_mode", "random"),
+               frame_fill=config.eval.get("frame_fill", "zero"),
+               flag_dropped=bool(config.missing.get("flag_dropped_frames", False)))
 
   def _batcher(self, split: Mapping[str, np.ndarray]) -> Batcher:
     # One resident copy per split, reused by every scenario evaluated on it.
@@ -608,14 +588,32 @@ class Predictor:
 
 
 @functools.lru_cache(maxsize=8)
-def _shared_predictor(cls, stage, mesh, batch_size, on_device, device_memory_share, frame_mode,
-                      frame_fill, flag_dropped) -> Predictor:
-  """One predictor per stage object and settings in a process: the final evaluation of a
-  run reuses the forward its validation traced and compiled (a stage rebuilt from the
-  config is another object, and gets its own)."""
-  return cls(stage, mesh, batch_size, on_device=on_device,
-             device_memory_share=device_memory_share, frame_mode=frame_mode,
-             frame_fill=frame_fill, flag_dropped=flag_dropped)
+def _scenario_forward(stage: Stage, frame_mode: str, frame_fill: str, flag_dropped: bool):
+  """The jitted scenario-vmapped forward of a stage, one per stage object and masking
+  settings in a process: a run's final evaluation reuses the program its validation
+  traced and compiled (a stage rebuilt from the config is another object). Only the
+  function is kept; the predictors and their resident splits are not.
+  """
+
+  def one_scenario(params, method_state, batch, modality_mask, frame_rates, noise_intensity,
+                   key):
+    frame_key, noise_key = jax.random.split(key)
+    batch = missing.apply_modality_mask(batch, modality_mask)
+    batch = missing.apply_frame_masking(frame_key, batch, frame_rates, mode=frame_mode,
+                                        fill=frame_fill, flag_dropped=flag_dropped)
+    batch = missing.add_noise(noise_key, batch, noise_intensity)
+    out = stage.predict(params, method_state, batch)
+    return {"output": out["output"], "embedding": out["embedding"]}
+
+  def forward(params, method_state, batch, frame_rates, noise_intensity, keys, batch_index):
+    # The scenario axis of the modality masks sits after the batch axis, so the masks
+    # shard over the mesh like every other batch array.
+    modality_masks = batch.pop("scenario_modality_mask")
+    keys = jax.vmap(lambda k: jax.random.fold_in(k, batch_index))(keys)
+    return jax.vmap(one_scenario, in_axes=(None, None, None, 1, 0, 0, 0), out_axes=1)(
+        params, method_state, batch, modality_masks, frame_rates, noise_intensity, keys)
+
+  return jax.jit(forward)
 
 
 def selection_value(results: Mapping[str, Mapping[str, float]], metric: str) -> float:
