@@ -53,16 +53,18 @@ def run_scenarios(predictor: Predictor, params, method_state, split, spec, eval_
 
   Scenarios run `eval_config.scenarios_per_call` at a time through one compiled,
   scenario-vmapped forward; the last group is padded with copies of its last scenario
-  so that every call has the same shapes (one compilation).
+  so that every call has the same shapes (one compilation). Scenarios that only remove
+  whole modalities are grouped apart from those with frame drops or noise, so that
+  their calls take the predictor's modality-only forward.
   """
   num_rows = len(split["label"])
   scenarios = missing.eval_scenarios(eval_config)
   keys = [jax.random.fold_in(key, index) for index in range(len(scenarios))]
   inputs = [scenario_inputs(s, num_rows, k) for s, k in zip(scenarios, keys, strict=True)]
   per_call = max(1, min(int(eval_config.get("scenarios_per_call", 8)), len(scenarios)))
+  modalities_only = [not np.any(rates) and not noise for _, rates, noise in inputs]
   results, embeddings = {}, {}
-  for start in range(0, len(scenarios), per_call):
-    group = list(range(start, min(start + per_call, len(scenarios))))
+  for group in _scenario_groups(modalities_only, per_call):
     padded = group + [group[-1]] * (per_call - len(group))
     outputs = predictor.predict_scenarios(
         params, method_state, split,
@@ -77,8 +79,18 @@ def run_scenarios(predictor: Predictor, params, method_state, split, spec, eval_
           label_range=spec.label_range, names=spec.class_names or None)
       if keep_embeddings:
         embeddings[name] = outputs["embedding"][position]
+  results = {s.name: results[s.name] for s in scenarios}  # the protocol's order
   results["summary"] = metrics_lib.summarize(results, spec.task)
   return results, embeddings
+
+
+def _scenario_groups(modalities_only: list[bool], per_call: int) -> list[list[int]]:
+  """Scenario indices in calls of at most `per_call`, each call of one kind."""
+  groups = []
+  for kind in (True, False):
+    indices = [i for i, only in enumerate(modalities_only) if only == kind]
+    groups += [indices[start:start + per_call] for start in range(0, len(indices), per_call)]
+  return groups
 
 
 def aggregate_seeds(per_seed: Mapping[int, Mapping[str, Mapping[str, float]]]) -> dict:

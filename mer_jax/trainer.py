@@ -520,6 +520,11 @@ class Predictor:
     self.device_memory_share = device_memory_share
     self._cached = None
     self._forward = _scenario_forward(stage, frame_mode, frame_fill, flag_dropped)
+    # Scenarios that only remove whole modalities skip frame masking and noise, so that
+    # a network that runs its mask-independent work once (`Stage.masks_in_network`) does.
+    # Rate-0 masking is the identity unless it flags frames (flag_dropped).
+    self._modality_forward = (_scenario_forward(stage, "", "", False, modalities_only=True)
+                              if stage.masks_in_network and not flag_dropped else None)
 
   @classmethod
   def from_config(cls, stage: Stage, mesh, config, *, batch_size: int | None = None,
@@ -562,15 +567,21 @@ class Predictor:
     num_scenarios = modality_masks.shape[0]
     # (S, N, 3) -> (N, S, 3): rows first, so `rows` index the batch axis.
     modality_masks = np.swapaxes(modality_masks, 0, 1)
-    frame_rates = jnp.asarray(frame_rates, jnp.float32).reshape(num_scenarios, 3)
-    noise_intensities = jnp.asarray(noise_intensities, jnp.float32).reshape(num_scenarios)
+    frame_rates = np.asarray(frame_rates, np.float32).reshape(num_scenarios, 3)
+    noise_intensities = np.asarray(noise_intensities, np.float32).reshape(num_scenarios)
+    forward = self._forward
+    if (self._modality_forward is not None and not np.any(frame_rates)
+        and not np.any(noise_intensities)):
+      forward = self._modality_forward
+    frame_rates = jnp.asarray(frame_rates)
+    noise_intensities = jnp.asarray(noise_intensities)
     chunks = []
     ordered = batcher.ordered_rows()
     for i, (rows, batch) in enumerate(zip(ordered, batcher.batches(ordered), strict=True)):
       batch.pop("index")
       batch["scenario_modality_mask"] = parallel.shard_batch(modality_masks[rows], self.mesh)
-      chunks.append(self._forward(params, method_state, batch, frame_rates, noise_intensities,
-                                  keys, jnp.int32(i)))
+      chunks.append(forward(params, method_state, batch, frame_rates, noise_intensities,
+                            keys, jnp.int32(i)))
     outputs = parallel.fetch(chunks)
     return {k: np.swapaxes(np.concatenate([c[k] for c in outputs])[:batcher.num_rows], 0, 1)
             for k in outputs[0]}
@@ -588,12 +599,25 @@ class Predictor:
 
 
 @functools.lru_cache(maxsize=8)
-def _scenario_forward(stage: Stage, frame_mode: str, frame_fill: str, flag_dropped: bool):
+def _scenario_forward(stage: Stage, frame_mode: str, frame_fill: str, flag_dropped: bool, *,
+                      modalities_only: bool = False):
   """The jitted scenario-vmapped forward of a stage, one per stage object and masking
   settings in a process: a run's final evaluation reuses the program its validation
   traced and compiled (a stage rebuilt from the config is another object). Only the
   function is kept; the predictors and their resident splits are not.
+
+  `modalities_only`: the scenarios mask whole modalities only (no frame rate, no noise),
+  through `Stage.predict_under_masks`.
   """
+  if modalities_only:
+    def forward_modalities(params, method_state, batch, frame_rates, noise_intensity, keys,
+                           batch_index):
+      del frame_rates, noise_intensity, keys, batch_index  # all zero: nothing random
+      modality_masks = batch.pop("scenario_modality_mask")
+      out = stage.predict_under_masks(params, method_state, batch, modality_masks)
+      return {"output": out["output"], "embedding": out["embedding"]}
+
+    return jax.jit(forward_modalities)
 
   def one_scenario(params, method_state, batch, modality_mask, frame_rates, noise_intensity,
                    key):

@@ -16,6 +16,7 @@ from conftest import REPO
 from helpers import parse_flags, random_batch, random_params, tiny_spec
 
 from mer_jax import config_lib
+from mer_jax.data import missing
 from mer_jax.data.builders import merbench
 from mer_jax.methods import dqf
 from mer_jax.methods.base import StageContext
@@ -375,6 +376,36 @@ def test_forward_matches_an_independent_numpy_computation():
   for key in ("output", "embedding", "aux_outputs"):
     np.testing.assert_allclose(out[key], reference[key], rtol=2e-4, atol=2e-5, err_msg=key)
   assert np.abs(reference["output"]).max() > 1e-3  # not a comparison of zeros
+
+
+def test_masks_in_the_network_equal_one_forward_per_masked_batch():
+  """Validation's fixed combinations in one forward (`Stage.predict_under_masks`: the
+  unimodal encoders run once, absent modalities once per stage): every scenario's
+  outputs equal the forward on `apply_modality_mask`ed inputs, and float64 numpy."""
+  spec = tiny_spec("classification", lengths=(4, 3, 5), dims=(5, 3, 2), num_classes=3)
+  (stage,) = dqf.build(tiny_config(width=8, num_layers=2, mlp_dim=12, head_hidden=6), spec)
+  assert stage.masks_in_network
+  batch = random_batch(spec, batch_size=3, seed=4, real_lengths=([4, 2, 3], [3, 1, 2],
+                                                                 [5, 4, 1]))
+  batch["modality_mask"] = np.array([[True, True, True], [True, False, True],
+                                     [True, True, True]])  # the data lacks row 1's audio
+  params = random_params(stage.model, batch, seed=5)
+  combinations = np.stack([missing.fixed_modality_mask(3, c) for c in range(7)], axis=1)
+  combinations[2] = np.random.default_rng(0).random((7, 3)) < 0.5  # a row of its own
+  out = jax.device_get(jax.jit(stage.predict_under_masks)(params, {}, batch, combinations))
+  chex.assert_shape(out["output"], (3, 7, 3))
+  chex.assert_shape(out["embedding"], (3, 7, 7 * 8))
+  forward = forward_fn(stage)
+  for index in range(7):
+    masked = missing.apply_modality_mask(batch, combinations[:, index])
+    want = jax.device_get(forward(params, masked))
+    for key in ("output", "embedding"):
+      np.testing.assert_allclose(out[key][:, index], want[key], rtol=1e-5, atol=1e-6,
+                                 err_msg=f"{key} of combination {index}")
+    reference = np_dqf(params, jax.device_get(masked), num_layers=2, length=5)
+    np.testing.assert_allclose(out["output"][:, index], reference["output"], rtol=2e-4,
+                               atol=2e-5)
+  assert not np.allclose(out["output"][:, 0], out["output"][:, 6], atol=1e-3)  # L vs LAV
 
 
 # ----------------------------------------------------------------------------- configs

@@ -1,6 +1,8 @@
 """Batched scenario evaluation: several scenarios in one compiled, vmapped call give what
 one call per scenario gives, whatever the grouping."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -72,8 +74,23 @@ def test_run_scenarios_does_not_depend_on_grouping(dqf_setup):
                                       key=key)
   # 7 fixed + 2 MR + 2 frame + 1 noise scenarios; 4 per call leaves a padded last group.
   names = [n for n in one if n != "summary"]
-  assert len(names) == 12 and set(grouped) == set(one)
+  assert len(names) == 12 and list(grouped) == list(one)
+  # The same scenarios with every one through the frame-masking forward (a stage whose
+  # network does not take the masks itself).
+  generic = Predictor(dataclasses.replace(predictor.stage, masks_in_network=False),
+                      predictor.mesh, 8, on_device=True)
+  each_masked, _ = evaluate.run_scenarios(generic, params, {}, split, SPEC, _eval_config(4),
+                                          key=key)
   for name in names:
     for metric, value in one[name].items():
-      np.testing.assert_allclose(grouped[name][metric], value, rtol=1e-5, atol=1e-6,
-                                 err_msg=f"{name}/{metric}")
+      for other in (grouped, each_masked):
+        np.testing.assert_allclose(other[name][metric], value, rtol=1e-5, atol=1e-6,
+                                   err_msg=f"{name}/{metric}")
+
+
+def test_modality_only_scenarios_are_called_apart():
+  # 7 fixed, 2 MR, 1 frame-0.0 (modalities only), then a frame drop and a noise scenario.
+  kinds = [True] * 10 + [False, False]
+  groups = evaluate._scenario_groups(kinds, 4)
+  assert groups == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9], [10, 11]]
+  assert evaluate._scenario_groups([False, True, False], 8) == [[1], [0, 2]]

@@ -72,17 +72,26 @@ class DQF(nn.Module):
   remat_layers: bool = False
 
   @nn.nowrap
-  def unimodal(self, name: str, x, mask, *, train: bool):
-    """(B, T, D) encoding of one modality: Q-UA, or a transformer (w/o Q-UA)."""
+  def encoders(self, index: int):
+    """(Conv1D projection, unimodal encoder: Q-UA, or a transformer for w/o Q-UA) of
+    modality `index`."""
+    name = MODALITIES[index]
+    projection = ModalityProjection(self.width, self.kernel_sizes[index], name=f"proj_{name}")
     if self.unimodal_encoder == "qua":
-      return QUA(self.num_layers, self.num_heads, self.mlp_dim, self.dropout,
-                 scan=self.scan_layers, remat=self.remat_layers, name=f"qua_{name}")(
-                     x, mask, train=train)
+      return projection, QUA(self.num_layers, self.num_heads, self.mlp_dim, self.dropout,
+                             scan=self.scan_layers, remat=self.remat_layers, name=f"qua_{name}")
     if self.unimodal_encoder == "transformer":
-      return TransformerEncoder(self.num_layers, self.num_heads, self.mlp_dim, self.dropout,
-                                name=f"encoder_{name}")(x, mask, train=train)
+      return projection, TransformerEncoder(self.num_layers, self.num_heads, self.mlp_dim,
+                                            self.dropout, name=f"encoder_{name}")
     raise ValueError(f"config.model.unimodal_encoder={self.unimodal_encoder!r}: choose one "
                      f"of {UNIMODAL_ENCODERS}")
+
+  @nn.nowrap
+  def encode(self, encoders, x, mask, *, train: bool):
+    """(B, L, D) encoding at the common length and its (B, L) frame mask."""
+    projection, unimodal = encoders
+    x, mask = align_length(projection(x, mask), mask, self.common_length)
+    return unimodal(x, mask, train=train), mask
 
   @nn.nowrap
   def bimodal(self, pair_name: str, h_a, mask_a, h_b, mask_b, *, train: bool):
@@ -102,17 +111,52 @@ class DQF(nn.Module):
     raise ValueError(f"config.model.pair_fusion={self.pair_fusion!r}: choose one of "
                      f"{PAIR_FUSIONS}")
 
-  @nn.compact
-  def __call__(self, batch, *, train: bool):
+  @nn.nowrap
+  def encode_under_masks(self, batch, modality_masks, *, train: bool):
+    """Every modality encoded once, then each row's encoding under each of S modality
+    masks (B, S, 3): its own where present, an absent modality's otherwise.
+
+    An absent modality has zero features and no real frame (`missing.apply_modality_mask`),
+    the same input for every row: one row of it is encoded.
+    Returns lists of (B S, L, D) encodings and (B S, L) frame masks, scenarios minor.
+    """
+    batch_size, num_scenarios = modality_masks.shape[:2]
+    if "modality_mask" in batch:  # modalities the data itself lacks stay absent
+      modality_masks = modality_masks & batch["modality_mask"][:, None, :]
     encoded, masks = [], []
     for index, name in enumerate(MODALITIES):
-      mask = present_frames(batch, index)
-      x = ModalityProjection(self.width, self.kernel_sizes[index], name=f"proj_{name}")(
-          batch[name], mask)
-      x, mask = align_length(x, mask, self.common_length)
-      encoded.append(self.unimodal(name, x, mask, train=train))
-      masks.append(mask)
+      encoders = self.encoders(index)
+      h, mask = self.encode(encoders, batch[name], batch[f"{name}_mask"], train=train)
+      absent_h, absent_mask = self.encode(
+          encoders, jnp.zeros_like(batch[name][:1]), jnp.zeros_like(batch[f"{name}_mask"][:1]),
+          train=train)
+      present = modality_masks[:, :, index]
+      h = jnp.where(present[:, :, None, None], h[:, None], absent_h[:, None])
+      mask = jnp.where(present[:, :, None], mask[:, None], absent_mask[:, None])
+      encoded.append(h.reshape((batch_size * num_scenarios,) + h.shape[2:]))
+      masks.append(mask.reshape((batch_size * num_scenarios,) + mask.shape[2:]))
+    return encoded, masks
 
+  @nn.compact
+  def __call__(self, batch, *, train: bool, scenario_modality_mask=None):
+    """`scenario_modality_mask` (B, S, 3): outputs (B, S, ...) under S modality masks at
+    once (features not yet masked), the unimodal encoders run once rather than per
+    scenario; the same outputs as S calls on `missing.apply_modality_mask`ed batches."""
+    if scenario_modality_mask is None:
+      encoded, masks = zip(*(self.encode(self.encoders(index), batch[name],
+                                         present_frames(batch, index), train=train)
+                             for index, name in enumerate(MODALITIES)), strict=True)
+    else:
+      encoded, masks = self.encode_under_masks(batch, scenario_modality_mask, train=train)
+    outputs = self.fuse(encoded, masks, train=train)
+    if scenario_modality_mask is None:
+      return outputs
+    leading = scenario_modality_mask.shape[:2]
+    return jax.tree.map(lambda x: x.reshape(leading + x.shape[1:]), outputs)
+
+  @nn.nowrap
+  def fuse(self, encoded, masks, *, train: bool):
+    """Eq. 5-9 and the heads on the unimodal encodings."""
     unimodal = [masked_mean(h, mask) for h, mask in zip(encoded, masks, strict=True)]
     bimodal = [self.bimodal(MODALITIES[a][0] + MODALITIES[b][0], encoded[a], masks[a],
                             encoded[b], masks[b], train=train) for a, b in PAIRS]
@@ -170,7 +214,8 @@ def build(config, spec: DataSpec) -> list[Stage]:
     metrics = {"loss_task": main, "loss_aux": aux}
     return main + aux_weight * aux, (metrics, method_state)
 
-  return [Stage(name="", model=model, loss_fn=loss_fn, num_epochs=config.train.num_epochs)]
+  return [Stage(name="", model=model, loss_fn=loss_fn, num_epochs=config.train.num_epochs,
+                masks_in_network=True)]
 
 
 def configure(config, variant: str):
