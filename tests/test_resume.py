@@ -105,11 +105,29 @@ def assert_same_results(workdir, reference):
 
   assert results(workdir) == results(reference)
 
-  def validation(d):  # last record of each epoch (a killed epoch may be logged twice)
-    return {(r["stage"], r["epoch"]): (r["val/loss"], r["selection"]) for r in read_log(d)
-            if "val/loss" in r}
+  def validation(d):
+    """{(stage, epoch): (val/loss, selection, logged after a resume)}, the last record of
+    each epoch (a killed epoch may be logged twice)."""
+    records, resumed = {}, False
+    for r in read_log(d):
+      resumed = resumed or r.get("event") == "resume"
+      if "val/loss" in r:
+        records[(r["stage"], r["epoch"])] = (r["val/loss"], r["selection"], resumed)
+    return records
 
-  assert validation(workdir) == validation(reference)
+  got, want = validation(workdir), validation(reference)
+  assert got.keys() == want.keys()
+  assert any(after for _, _, after in got.values())
+  for epoch, (loss, selection, after_resume) in got.items():
+    assert selection == want[epoch][1], epoch
+    if after_resume:  # what the restarted process computed: bit-exact
+      assert loss == want[epoch][0], epoch
+    else:
+      # Logged by the killed process before the kill, by another process than the
+      # reference's: once in a loaded full-suite run such an epoch's mean validation loss
+      # differed from the reference's in the 8th digit (0.87217350 / 0.87217351), with
+      # equal parameters, checkpoints and results.
+      assert loss == pytest.approx(want[epoch][0], rel=1e-6), epoch
 
 
 @pytest.fixture(scope="module")
