@@ -59,16 +59,16 @@ def test_bfloat16_computes_in_bf16_and_stays_close_to_float32(config_file):
   key = jax.random.key(2)
 
   # Jitted as in the train step: one compile per program instead of one per eager op.
+  # Traced once: the printed program (forward and backward) is the one that runs.
   def loss_and_grad(stage):
     loss = lambda p: stage.loss_fn(p, state, batch, key, context)
-    return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    traced = jax.jit(jax.value_and_grad(loss, has_aux=True)).trace(params)
+    return traced.lower().compile()(params), str(traced.jaxpr)
 
-  (loss32, (metrics32, _)), grads32 = loss_and_grad(stage32)
-  (loss16, (metrics16, state16)), grads16 = loss_and_grad(stage16)
+  ((loss32, (metrics32, _)), grads32), text32 = loss_and_grad(stage32)
+  ((loss16, (metrics16, state16)), grads16), text16 = loss_and_grad(stage16)
 
   # The matrix products run in bfloat16 (none does in the float32 stage).
-  text16 = str(jax.make_jaxpr(lambda p: stage16.loss_fn(p, state, batch, key, context))(params))
-  text32 = str(jax.make_jaxpr(lambda p: stage32.loss_fn(p, state, batch, key, context))(params))
   assert "bf16" in _dtypes_in(text16, "dot_general")
   assert "bf16" not in _dtypes_in(text32, "dot_general")
   # Master params, gradients, the loss, metrics and method state stay float32.
