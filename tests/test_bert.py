@@ -326,6 +326,40 @@ def test_wrapper_encodes_after_the_protocol_without_leaking_dropped_words():
   assert float(optax.global_norm(grads["text_encoder"])) > 0
 
 
+@pytest.mark.slow
+def test_a_network_that_takes_the_masks_gets_the_text_encoded_once():
+  """A BERT-wrapped DQF under the 7 fixed combinations in one call: the wrapper passes
+  the masks to the network (BERT runs on the unmasked tokens once) and every
+  combination's outputs equal the forward on its `apply_modality_mask`ed batch."""
+  from helpers import tiny_spec
+
+  from mer_jax.methods import dqf
+
+  config = config_lib.base_config()
+  dqf.configure(config, "tiny")
+  spec = tiny_spec("regression", lengths=(10, 2, 3), dims=(TINY["hidden_size"], 1, 2))
+  (method_stage,) = dqf.build(config, spec)
+  stage = text_encoder.with_text_encoder(method_stage, tiny_encoder(), TOKENS)
+  assert stage.masks_in_network
+  batch = token_inputs()
+  rng = np.random.default_rng(4)
+  batch.update(audio=rng.normal(size=(3, 2, 1)).astype(np.float32),
+               vision=rng.normal(size=(3, 3, 2)).astype(np.float32),
+               vision_mask=np.array([[True] * 3, [True, True, False], [True, False, False]]))
+  params = jax.jit(lambda key: stage.model.init(key, batch, train=False)["params"])(
+      jax.random.key(0))
+  combinations = np.stack([missing.fixed_modality_mask(3, c) for c in range(7)], axis=1)
+  out = jax.device_get(jax.jit(stage.predict_under_masks)(params, {}, batch, combinations))
+  chex.assert_shape(out["output"], (3, 7))
+  forward = jax.jit(lambda p, b: stage.predict(p, {}, b))
+  for index in range(7):
+    want = forward(params, missing.apply_modality_mask(batch, combinations[:, index]))
+    for key in ("output", "embedding"):
+      np.testing.assert_allclose(out[key][:, index], want[key], rtol=1e-5, atol=1e-6,
+                                 err_msg=f"{key} of combination {index}")
+  assert not np.allclose(out["output"][:, 1], out["output"][:, 6], atol=1e-4)  # A vs LAV
+
+
 def test_frozen_teacher_reads_its_own_encoding_of_the_clean_tokens():
   encoder = tiny_encoder()
   seen = {}

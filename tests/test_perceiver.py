@@ -14,6 +14,7 @@ import pytest
 import scipy.special
 from helpers import random_batch, tiny_spec
 
+from mer_jax.data import missing
 from mer_jax.nn.attention import (
     ModalityProjection,
     MultiHeadAttention,
@@ -307,6 +308,35 @@ def test_backbone_forward_matches_a_numpy_reference(official, absent_modality):
   chex.assert_shape(attn["query"]["kernel"], (3, 2, 8, 2, 5))
   assert "bias" not in attn["query"] and "bias" in attn["out"]
   assert "pos_text" not in params and "modality_embedding" not in params
+
+
+@pytest.mark.parametrize("absent_modality,embeddings", [("zero", False), ("mask", True)])
+def test_backbone_under_several_masks_equals_one_forward_per_masked_batch(
+    official, absent_modality, embeddings):
+  """`scenario_modality_mask`: every modality encoded once, an absent one once per call;
+  each of the 7 combinations as the forward on its `apply_modality_mask`ed batch, and
+  (official architecture) as numpy."""
+  module, params, batch = official
+  module = module.clone(absent_modality=absent_modality, position_embedding=embeddings,
+                        modality_embedding=embeddings)
+  if embeddings:
+    params = init(module, batch)
+  combinations = np.stack([missing.fixed_modality_mask(3, c) for c in range(7)], axis=1)
+  apply = jax.jit(lambda p, b, **kw: module.apply({"params": p}, b, train=False, **kw))
+  out = jax.device_get(apply(params, batch, scenario_modality_mask=combinations))
+  chex.assert_shape(out["fused"], (3 * 7, 8))
+  fused = out["fused"].reshape(3, 7, 8)
+  forward = jax.jit(lambda p, b: module.apply({"params": p}, b, train=False)["fused"])
+  for index in range(7):
+    masked = missing.apply_modality_mask(batch, combinations[:, index])
+    np.testing.assert_allclose(fused[:, index], forward(params, masked), rtol=1e-5, atol=1e-6,
+                               err_msg=f"combination {index}")
+    if not embeddings:
+      np.testing.assert_allclose(fused[:, index],
+                                 np_backbone(jax.device_get(masked), params,
+                                             absent_modality=absent_modality),
+                                 rtol=2e-4, atol=2e-5)
+  assert not np.allclose(fused[:, 0], fused[:, 6], atol=1e-4)  # L alone vs LAV
 
 
 def test_absent_modality_modes(official):

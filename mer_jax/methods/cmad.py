@@ -53,7 +53,7 @@ from mer_jax.losses.task import mean_over_emotions, task_loss_rows
 from mer_jax.methods import mcur
 from mer_jax.methods.base import Stage, frozen_teacher_outputs
 from mer_jax.methods.text_encoder import frozen_teacher_forward
-from mer_jax.nn.fusion import PerceiverFusion, perceiver_fusion_from_config
+from mer_jax.nn.fusion import PerceiverFusion, perceiver_fusion_from_config, unflatten_scenarios
 from mer_jax.nn.heads import OutputHead
 
 _MISSING_KINDS = ("drop", "random_mr", "frame_lnln", "frame_dqf")
@@ -70,10 +70,16 @@ class CMADModel(nn.Module):
   output_shape: tuple[int, ...]
 
   @nn.compact
-  def __call__(self, batch, *, train: bool):
-    embedding = self.backbone(batch, train=train)["fused"]
+  def __call__(self, batch, *, train: bool, scenario_modality_mask=None):
+    """`scenario_modality_mask` (B, S, 3): outputs (B, S, ...) under S modality masks
+    (`PerceiverFusion`: the per-modality encoders run once)."""
+    embedding = self.backbone(batch, train=train,
+                              scenario_modality_mask=scenario_modality_mask)["fused"]
     output = OutputHead(self.output_shape, name="classifier")(embedding, train=train)
-    return {"output": output, "embedding": embedding}
+    outputs = {"output": output, "embedding": embedding}
+    if scenario_modality_mask is None:
+      return outputs
+    return unflatten_scenarios(outputs, scenario_modality_mask)
 
 
 def build_model(config, spec: DataSpec) -> CMADModel:
@@ -311,9 +317,11 @@ def build(config, spec: DataSpec) -> list[Stage]:
                   learning_rate=float(config.teacher.learning_rate) or None,
                   selection=config.teacher.selection,
                   grad_clip=config.teacher.get("grad_clip"),
-                  trained_with_missing=teacher_missing.kind in _MISSING_KINDS)
+                  trained_with_missing=teacher_missing.kind in _MISSING_KINDS,
+                  masks_in_network=True)
   student = Stage(name="student", model=student_model, loss_fn=student_loss_fn,
                   init_state=init_state, end_epoch=end_epoch,
                   num_epochs=config.train.num_epochs, teacher_forward=teacher_forward,
-                  trained_with_missing=student_missing.kind in _MISSING_KINDS)
+                  trained_with_missing=student_missing.kind in _MISSING_KINDS,
+                  masks_in_network=True)
   return [teacher, student]

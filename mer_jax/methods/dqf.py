@@ -25,6 +25,7 @@ from mer_jax.data.spec import MODALITIES, DataSpec
 from mer_jax.losses.task import task_loss
 from mer_jax.methods.base import Stage
 from mer_jax.nn.attention import ModalityProjection, TransformerEncoder, TransformerLayer
+from mer_jax.nn.fusion import unflatten_scenarios
 from mer_jax.nn.heads import OutputHead
 from mer_jax.nn.pooling import masked_mean
 from mer_jax.nn.queries import QCA, QUA, ConcatPairFusion, MulTPairFusion, align_length
@@ -151,8 +152,7 @@ class DQF(nn.Module):
     outputs = self.fuse(encoded, masks, train=train)
     if scenario_modality_mask is None:
       return outputs
-    leading = scenario_modality_mask.shape[:2]
-    return jax.tree.map(lambda x: x.reshape(leading + x.shape[1:]), outputs)
+    return unflatten_scenarios(outputs, scenario_modality_mask)
 
   @nn.nowrap
   def fuse(self, encoded, masks, *, train: bool):

@@ -35,7 +35,7 @@ from mer_jax.losses.task import task_loss
 from mer_jax.losses.uncertainty import vib_kl
 from mer_jax.methods.base import Stage, frozen_teacher_outputs
 from mer_jax.methods.text_encoder import frozen_teacher_forward
-from mer_jax.nn.fusion import PerceiverFusion, perceiver_fusion_from_config
+from mer_jax.nn.fusion import PerceiverFusion, perceiver_fusion_from_config, unflatten_scenarios
 from mer_jax.nn.gaussian import VIB
 from mer_jax.nn.heads import OutputHead
 
@@ -56,14 +56,21 @@ class MCURModel(nn.Module):
   use_vib: bool = True
 
   @nn.compact
-  def __call__(self, batch, *, train: bool):
-    fused = self.backbone(batch, train=train)["fused"]
+  def __call__(self, batch, *, train: bool, scenario_modality_mask=None):
+    """`scenario_modality_mask` (B, S, 3): outputs (B, S, ...) under S modality masks
+    (`PerceiverFusion`: the per-modality encoders run once)."""
+    fused = self.backbone(batch, train=train,
+                          scenario_modality_mask=scenario_modality_mask)["fused"]
     if not self.use_vib:
       output = OutputHead(self.output_shape, name="classifier")(fused, train=train)
-      return {"output": output, "embedding": fused}
-    embedding, mu, sigma = VIB(fused.shape[-1], name="vib")(fused, train=train)
-    output = OutputHead(self.output_shape, name="classifier")(embedding, train=train)
-    return {"output": output, "embedding": embedding, "mu": mu, "sigma": sigma}
+      outputs = {"output": output, "embedding": fused}
+    else:
+      embedding, mu, sigma = VIB(fused.shape[-1], name="vib")(fused, train=train)
+      output = OutputHead(self.output_shape, name="classifier")(embedding, train=train)
+      outputs = {"output": output, "embedding": embedding, "mu": mu, "sigma": sigma}
+    if scenario_modality_mask is None:
+      return outputs
+    return unflatten_scenarios(outputs, scenario_modality_mask)
 
 
 def build_model(config, spec: DataSpec) -> MCURModel:
@@ -362,8 +369,10 @@ def build(config, spec: DataSpec) -> list[Stage]:
                   learning_rate=float(config.teacher.learning_rate) or None,
                   selection=config.teacher.selection,
                   grad_clip=config.teacher.get("grad_clip"),
-                  trained_with_missing=teacher_missing.kind in _MISSING_KINDS)
+                  trained_with_missing=teacher_missing.kind in _MISSING_KINDS,
+                  masks_in_network=True)
   student = Stage(name="student", model=student_model, loss_fn=student_loss_fn,
                   num_epochs=config.train.num_epochs, teacher_forward=teacher_forward,
-                  trained_with_missing=student_missing.kind in _MISSING_KINDS)
+                  trained_with_missing=student_missing.kind in _MISSING_KINDS,
+                  masks_in_network=True)
   return [teacher, student]

@@ -168,7 +168,9 @@ class TextEncoderModel(nn.Module):
   pretrained: str = ""  # checkpoint folder of the initial weights ("" = random)
 
   @nn.compact
-  def __call__(self, batch, *, train: bool):
+  def __call__(self, batch, *, train: bool, **method_kwargs):
+    """`method_kwargs` go to the method's network (`scenario_modality_mask=` of a
+    `Stage.masks_in_network` network: the text is then encoded once for every mask)."""
     if "text_ids" not in batch:
       raise ValueError("config.model.text_encoder='bert' reads token ids: the batch has no "
                        f"'text_ids' (keys {sorted(batch)}); only MMSA data (text_bert) "
@@ -176,7 +178,7 @@ class TextEncoderModel(nn.Module):
     params = self.param("text_encoder", _pretrained_init(self.pretrained, self.encoder))
     rng = self.make_rng("dropout") if train and self.has_rng("dropout") else None
     batch = encode_text(self.encoder, params, batch, self.tokens, train=train, rng=rng)
-    return self.method(batch, train=train)
+    return self.method(batch, train=train, **method_kwargs)
 
 
 def with_text_encoder(stage: Stage, encoder: bert.BertModel, tokens: bert.SpecialTokens, *,

@@ -19,6 +19,7 @@ absent modality's frames never reach the output.
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from mer_jax.data.spec import MODALITIES
@@ -111,32 +112,46 @@ class PerceiverFusion(nn.Module):
   remat: bool = False
 
   @nn.compact
-  def __call__(self, batch, *, train: bool):
+  def __call__(self, batch, *, train: bool, scenario_modality_mask=None):
     """Returns dict(fused (B, D) E_f, unimodal (B, 3, D) the Perceiver outputs, tokens
     (B, 3, D) the fusion transformer outputs (0 for absent modalities in "mask" mode),
-    present (B, 3))."""
+    present (B, 3)).
+
+    With `scenario_modality_mask` (B, S, 3) (features not yet masked): the same under S
+    modality masks, rows (B S) with scenarios minor. Each modality's projection and
+    Perceiver run once on the batch and once on an absent modality (zero features, no
+    real frame: the same for every row), and each scenario selects per row before the
+    fusion, as `missing.apply_modality_mask` and one call per mask would."""
     if self.absent_modality not in ABSENT_MODALITY_MODES:
       raise ValueError(f"config.model.absent_modality must be one of {ABSENT_MODALITY_MODES}, "
                        f"got {self.absent_modality!r}")
     if self.fused_activation not in FUSED_ACTIVATIONS:
       raise ValueError(f"config.model.fused_activation must be one of {FUSED_ACTIVATIONS}, "
                        f"got {self.fused_activation!r}")
-    sequences, masks = [], []
+    encode = self.modality_encoder(batch, train=train)
+    if scenario_modality_mask is None:
+      unimodal, present = encode([batch[name] for name in MODALITIES],
+                                 [present_frames(batch, i) for i in range(len(MODALITIES))])
+    else:
+      unimodal, present = self.encode_under_masks(encode, batch, scenario_modality_mask)
+    return self.fuse(unimodal, present, train=train)
+
+  @nn.nowrap
+  def modality_encoder(self, batch, *, train: bool):
+    """`encode(features, frame masks) -> (unimodal (B, 3, D), present (B, 3))`: the
+    projections, position embeddings and Perceivers, created once so that they can be
+    applied to several inputs."""
+    projections, positions = [], []
     for index, name in enumerate(MODALITIES):
-      mask = present_frames(batch, index)
-      x = ModalityProjection(self.width, self.kernel_sizes[index], self.projection_bias,
-                             name=f"proj_{name}")(jnp.asarray(batch[name]), mask)
+      projections.append(ModalityProjection(self.width, self.kernel_sizes[index],
+                                            self.projection_bias, name=f"proj_{name}"))
       if self.position_embedding:
-        x = x + self.param(f"pos_{name}", nn.initializers.normal(0.02),
-                           (x.shape[1], self.width), x.dtype)
-      sequences.append(x)
-      masks.append(mask)
+        positions.append(self.param(f"pos_{name}", nn.initializers.normal(0.02),
+                                    (batch[name].shape[1], self.width),
+                                    jnp.asarray(batch[name]).dtype))
     # The three Perceivers (own weights each) run as one vmapped module over sequences
     # padded to a common length: padding is masked, so the result is that of three
     # separate Perceivers, and the compiled program holds one Perceiver instead of three.
-    length = max(x.shape[1] for x in sequences)
-    stacked = jnp.stack([_pad_time(x, length) for x in sequences])
-    stacked_masks = jnp.stack([_pad_time(m, length) for m in masks])
     perceivers = nn.vmap(
         _PerceiverWithMode, variable_axes={"params": 0},
         split_rngs={"params": True, "dropout": True}, in_axes=(0, 0), out_axes=1,
@@ -147,8 +162,39 @@ class PerceiverFusion(nn.Module):
             mlp_dim=self.perceiver_mlp_dim, self_per_cross=self.self_per_cross,
             qkv_bias=self.perceiver_qkv_bias, dropout=self.perceiver_dropout,
             scan=self.scan, remat=self.remat, train=train, name="perceivers")
-    unimodal = perceivers(stacked, stacked_masks)  # (B, 3, D)
-    present = jnp.stack([m.any(axis=1) for m in masks], axis=1)
+
+    def encode(features, masks):
+      sequences = []
+      for index, (x, mask) in enumerate(zip(features, masks, strict=True)):
+        x = projections[index](jnp.asarray(x), mask)
+        sequences.append(x + positions[index] if self.position_embedding else x)
+      length = max(x.shape[1] for x in sequences)
+      stacked = jnp.stack([_pad_time(x, length) for x in sequences])
+      stacked_masks = jnp.stack([_pad_time(m, length) for m in masks])
+      return perceivers(stacked, stacked_masks), jnp.stack([m.any(axis=1) for m in masks],
+                                                           axis=1)
+
+    return encode
+
+  @nn.nowrap
+  def encode_under_masks(self, encode, batch, modality_masks):
+    """(unimodal (B S, 3, D), present (B S, 3)) under the (B, S, 3) modality masks."""
+    batch_size, num_scenarios = modality_masks.shape[:2]
+    if "modality_mask" in batch:  # modalities the data itself lacks stay absent
+      modality_masks = modality_masks & jnp.asarray(batch["modality_mask"], bool)[:, None, :]
+    unimodal, has_frames = encode([batch[name] for name in MODALITIES],
+                                  [jnp.asarray(batch[f"{name}_mask"], bool) for name in MODALITIES])
+    absent, _ = encode([jnp.zeros_like(jnp.asarray(batch[name])[:1]) for name in MODALITIES],
+                       [jnp.zeros_like(jnp.asarray(batch[f"{name}_mask"], bool)[:1])
+                        for name in MODALITIES])
+    unimodal = jnp.where(modality_masks[..., None], unimodal[:, None], absent[:, None])
+    present = modality_masks & has_frames[:, None, :]
+    rows = batch_size * num_scenarios
+    return unimodal.reshape((rows,) + unimodal.shape[2:]), present.reshape(rows, -1)
+
+  @nn.nowrap
+  def fuse(self, unimodal, present, *, train: bool):
+    """The fusion transformer over the three modality tokens and the MLP to E_f."""
     tokens = unimodal
     if self.modality_embedding:
       tokens = tokens + self.param("modality_embedding", nn.initializers.normal(0.02),
@@ -170,6 +216,12 @@ class PerceiverFusion(nn.Module):
         fused = nn.Dropout(self.fused_dropout)(fused, deterministic=not train)
         fused = _activation(self.fused_activation)(fused)
     return {"fused": fused, "unimodal": unimodal, "tokens": h, "present": present}
+
+
+def unflatten_scenarios(outputs, scenario_modality_mask):
+  """Network outputs on (B S) rows, scenarios minor, as (B, S, ...)."""
+  leading = scenario_modality_mask.shape[:2]
+  return jax.tree.map(lambda x: x.reshape(leading + x.shape[1:]), outputs)
 
 
 def _activation(name: str):
