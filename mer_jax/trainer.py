@@ -523,7 +523,7 @@ class Predictor:
     # Scenarios that only remove whole modalities skip frame masking and noise, so that
     # a network that runs its mask-independent work once (`Stage.masks_in_network`) does.
     # Rate-0 masking is the identity unless it flags frames (flag_dropped).
-    self._modality_forward = (_scenario_forward(stage, "", "", False, modalities_only=True)
+    self._modality_forward = (_modality_forward(stage)
                               if stage.masks_in_network and not flag_dropped else None)
 
   @classmethod
@@ -599,25 +599,12 @@ class Predictor:
 
 
 @functools.lru_cache(maxsize=8)
-def _scenario_forward(stage: Stage, frame_mode: str, frame_fill: str, flag_dropped: bool, *,
-                      modalities_only: bool = False):
+def _scenario_forward(stage: Stage, frame_mode: str, frame_fill: str, flag_dropped: bool):
   """The jitted scenario-vmapped forward of a stage, one per stage object and masking
   settings in a process: a run's final evaluation reuses the program its validation
   traced and compiled (a stage rebuilt from the config is another object). Only the
   function is kept; the predictors and their resident splits are not.
-
-  `modalities_only`: the scenarios mask whole modalities only (no frame rate, no noise),
-  through `Stage.predict_under_masks`.
   """
-  if modalities_only:
-    def forward_modalities(params, method_state, batch, frame_rates, noise_intensity, keys,
-                           batch_index):
-      del frame_rates, noise_intensity, keys, batch_index  # all zero: nothing random
-      modality_masks = batch.pop("scenario_modality_mask")
-      out = stage.predict_under_masks(params, method_state, batch, modality_masks)
-      return {"output": out["output"], "embedding": out["embedding"]}
-
-    return jax.jit(forward_modalities)
 
   def one_scenario(params, method_state, batch, modality_mask, frame_rates, noise_intensity,
                    key):
@@ -636,6 +623,21 @@ def _scenario_forward(stage: Stage, frame_mode: str, frame_fill: str, flag_dropp
     keys = jax.vmap(lambda k: jax.random.fold_in(k, batch_index))(keys)
     return jax.vmap(one_scenario, in_axes=(None, None, None, 1, 0, 0, 0), out_axes=1)(
         params, method_state, batch, modality_masks, frame_rates, noise_intensity, keys)
+
+  return jax.jit(forward)
+
+
+@functools.lru_cache(maxsize=8)
+def _modality_forward(stage: Stage):
+  """`_scenario_forward` for scenarios that mask whole modalities only (no frame rate,
+  no noise, so nothing random) of a `Stage.masks_in_network` stage: the modality masks
+  go to the network, which runs its mask-independent work once."""
+
+  def forward(params, method_state, batch, frame_rates, noise_intensity, keys, batch_index):
+    del frame_rates, noise_intensity, keys, batch_index  # the general forward's signature
+    modality_masks = batch.pop("scenario_modality_mask")
+    out = stage.predict(params, method_state, batch, scenario_modality_mask=modality_masks)
+    return {"output": out["output"], "embedding": out["embedding"]}
 
   return jax.jit(forward)
 

@@ -349,7 +349,8 @@ def test_a_network_that_takes_the_masks_gets_the_text_encoded_once():
   params = jax.jit(lambda key: stage.model.init(key, batch, train=False)["params"])(
       jax.random.key(0))
   combinations = np.stack([missing.fixed_modality_mask(3, c) for c in range(7)], axis=1)
-  out = jax.device_get(jax.jit(stage.predict_under_masks)(params, {}, batch, combinations))
+  out = jax.device_get(jax.jit(lambda p, b, m: stage.predict(
+      p, {}, b, scenario_modality_mask=m))(params, batch, combinations))
   chex.assert_shape(out["output"], (3, 7))
   forward = jax.jit(lambda p, b: stage.predict(p, {}, b))
   for index in range(7):

@@ -379,7 +379,7 @@ def test_forward_matches_an_independent_numpy_computation():
 
 
 def test_masks_in_the_network_equal_one_forward_per_masked_batch():
-  """Validation's fixed combinations in one forward (`Stage.predict_under_masks`: the
+  """Validation's fixed combinations in one forward (`Stage.masks_in_network`: the
   unimodal encoders run once, absent modalities once per stage): every scenario's
   outputs equal the forward on `apply_modality_mask`ed inputs, and float64 numpy."""
   spec = tiny_spec("classification", lengths=(4, 3, 5), dims=(5, 3, 2), num_classes=3)
@@ -392,7 +392,8 @@ def test_masks_in_the_network_equal_one_forward_per_masked_batch():
   params = random_params(stage.model, batch, seed=5)
   combinations = np.stack([missing.fixed_modality_mask(3, c) for c in range(7)], axis=1)
   combinations[2] = np.random.default_rng(0).random((7, 3)) < 0.5  # a row of its own
-  out = jax.device_get(jax.jit(stage.predict_under_masks)(params, {}, batch, combinations))
+  out = jax.device_get(jax.jit(lambda p, b, m: stage.predict(
+      p, {}, b, scenario_modality_mask=m))(params, batch, combinations))
   chex.assert_shape(out["output"], (3, 7, 3))
   chex.assert_shape(out["embedding"], (3, 7, 7 * 8))
   forward = forward_fn(stage)

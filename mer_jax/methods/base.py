@@ -17,8 +17,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mer_jax.data import missing
-
 PyTree = Any
 
 
@@ -89,10 +87,11 @@ class Stage:
       deterministic on the clean batch (MCUR, CMAD students): the trainer then computes
       them once for the training split (`config.train.cache_teacher`) instead of every
       step. None: no such teacher.
-    masks_in_network: the network takes `scenario_modality_mask=` (B, S, 3) and returns
-      (B, S, ...) outputs, running the work that does not depend on the modality mask
-      once (DQF's unimodal encoders); used by `predict_under_masks` for scenarios that
-      mask only whole modalities (validation's fixed combinations, MR rates).
+    masks_in_network: the network takes `scenario_modality_mask=` (B, S, 3) with features
+      not yet masked and returns (B, S, ...) outputs, as S forwards on
+      `missing.apply_modality_mask`ed batches would, running the work that does not
+      depend on the mask once (`nn.scenarios`; DQF, the MCUR/CMAD backbone). The
+      predictor calls it so for scenarios that mask only whole modalities.
   """
 
   name: str
@@ -119,17 +118,6 @@ class Stage:
       return self.model.apply({"params": cast_floating(params, self.compute_dtype)},
                               cast_features(batch, self.compute_dtype), train=False,
                               **model_kwargs)
-
-  def predict_under_masks(self, params, method_state, batch, modality_masks):
-    """Outputs (B, S, ...) of a batch whose modalities are not yet masked under S
-    modality masks (B, S, 3), each as `predict` on `missing.apply_modality_mask(batch,
-    modality_masks[:, s])`; the network shares the work that does not depend on the
-    mask (`masks_in_network`), otherwise each mask is its own forward."""
-    if self.masks_in_network:
-      return self.predict(params, method_state, batch, scenario_modality_mask=modality_masks)
-    return jax.vmap(
-        lambda mask: self.predict(params, method_state, missing.apply_modality_mask(batch, mask)),
-        in_axes=1, out_axes=1)(modality_masks)
 
 
 COMPUTE_DTYPES = ("float32", "bfloat16")

@@ -53,7 +53,8 @@ from mer_jax.losses.task import mean_over_emotions, task_loss_rows
 from mer_jax.methods import mcur
 from mer_jax.methods.base import Stage, frozen_teacher_outputs
 from mer_jax.methods.text_encoder import frozen_teacher_forward
-from mer_jax.nn.fusion import PerceiverFusion, perceiver_fusion_from_config, unflatten_scenarios
+from mer_jax.nn import scenarios
+from mer_jax.nn.fusion import PerceiverFusion, perceiver_fusion_from_config
 from mer_jax.nn.heads import OutputHead
 
 _MISSING_KINDS = ("drop", "random_mr", "frame_lnln", "frame_dqf")
@@ -79,7 +80,7 @@ class CMADModel(nn.Module):
     outputs = {"output": output, "embedding": embedding}
     if scenario_modality_mask is None:
       return outputs
-    return unflatten_scenarios(outputs, scenario_modality_mask)
+    return scenarios.unflatten_scenarios(outputs, scenario_modality_mask)
 
 
 def build_model(config, spec: DataSpec) -> CMADModel:

@@ -24,8 +24,8 @@ from mer_jax.data import missing
 from mer_jax.data.spec import MODALITIES, DataSpec
 from mer_jax.losses.task import task_loss
 from mer_jax.methods.base import Stage
+from mer_jax.nn import scenarios
 from mer_jax.nn.attention import ModalityProjection, TransformerEncoder, TransformerLayer
-from mer_jax.nn.fusion import unflatten_scenarios
 from mer_jax.nn.heads import OutputHead
 from mer_jax.nn.pooling import masked_mean
 from mer_jax.nn.queries import QCA, QUA, ConcatPairFusion, MulTPairFusion, align_length
@@ -117,13 +117,9 @@ class DQF(nn.Module):
     """Every modality encoded once, then each row's encoding under each of S modality
     masks (B, S, 3): its own where present, an absent modality's otherwise.
 
-    An absent modality has zero features and no real frame (`missing.apply_modality_mask`),
-    the same input for every row: one row of it is encoded.
-    Returns lists of (B S, L, D) encodings and (B S, L) frame masks, scenarios minor.
+    Returns lists of (B S, L, D) encodings and (B S, L) frame masks (`nn.scenarios`).
     """
-    batch_size, num_scenarios = modality_masks.shape[:2]
-    if "modality_mask" in batch:  # modalities the data itself lacks stay absent
-      modality_masks = modality_masks & batch["modality_mask"][:, None, :]
+    modality_masks = scenarios.combined_masks(batch, modality_masks)
     encoded, masks = [], []
     for index, name in enumerate(MODALITIES):
       encoders = self.encoders(index)
@@ -132,10 +128,8 @@ class DQF(nn.Module):
           encoders, jnp.zeros_like(batch[name][:1]), jnp.zeros_like(batch[f"{name}_mask"][:1]),
           train=train)
       present = modality_masks[:, :, index]
-      h = jnp.where(present[:, :, None, None], h[:, None], absent_h[:, None])
-      mask = jnp.where(present[:, :, None], mask[:, None], absent_mask[:, None])
-      encoded.append(h.reshape((batch_size * num_scenarios,) + h.shape[2:]))
-      masks.append(mask.reshape((batch_size * num_scenarios,) + mask.shape[2:]))
+      encoded.append(scenarios.select_scenarios(present, h, absent_h))
+      masks.append(scenarios.select_scenarios(present, mask, absent_mask))
     return encoded, masks
 
   @nn.compact
@@ -152,7 +146,7 @@ class DQF(nn.Module):
     outputs = self.fuse(encoded, masks, train=train)
     if scenario_modality_mask is None:
       return outputs
-    return unflatten_scenarios(outputs, scenario_modality_mask)
+    return scenarios.unflatten_scenarios(outputs, scenario_modality_mask)
 
   @nn.nowrap
   def fuse(self, encoded, masks, *, train: bool):

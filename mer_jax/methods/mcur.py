@@ -35,7 +35,8 @@ from mer_jax.losses.task import task_loss
 from mer_jax.losses.uncertainty import vib_kl
 from mer_jax.methods.base import Stage, frozen_teacher_outputs
 from mer_jax.methods.text_encoder import frozen_teacher_forward
-from mer_jax.nn.fusion import PerceiverFusion, perceiver_fusion_from_config, unflatten_scenarios
+from mer_jax.nn import scenarios
+from mer_jax.nn.fusion import PerceiverFusion, perceiver_fusion_from_config
 from mer_jax.nn.gaussian import VIB
 from mer_jax.nn.heads import OutputHead
 
@@ -70,7 +71,7 @@ class MCURModel(nn.Module):
       outputs = {"output": output, "embedding": embedding, "mu": mu, "sigma": sigma}
     if scenario_modality_mask is None:
       return outputs
-    return unflatten_scenarios(outputs, scenario_modality_mask)
+    return scenarios.unflatten_scenarios(outputs, scenario_modality_mask)
 
 
 def build_model(config, spec: DataSpec) -> MCURModel:

@@ -19,10 +19,10 @@ absent modality's frames never reach the output.
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from mer_jax.data.spec import MODALITIES
+from mer_jax.nn import scenarios
 from mer_jax.nn.attention import ModalityProjection, TransformerEncoder
 from mer_jax.nn.perceiver import Perceiver
 
@@ -179,18 +179,14 @@ class PerceiverFusion(nn.Module):
   @nn.nowrap
   def encode_under_masks(self, encode, batch, modality_masks):
     """(unimodal (B S, 3, D), present (B S, 3)) under the (B, S, 3) modality masks."""
-    batch_size, num_scenarios = modality_masks.shape[:2]
-    if "modality_mask" in batch:  # modalities the data itself lacks stay absent
-      modality_masks = modality_masks & jnp.asarray(batch["modality_mask"], bool)[:, None, :]
+    modality_masks = scenarios.combined_masks(batch, modality_masks)
     unimodal, has_frames = encode([batch[name] for name in MODALITIES],
                                   [jnp.asarray(batch[f"{name}_mask"], bool) for name in MODALITIES])
     absent, _ = encode([jnp.zeros_like(jnp.asarray(batch[name])[:1]) for name in MODALITIES],
                        [jnp.zeros_like(jnp.asarray(batch[f"{name}_mask"], bool)[:1])
                         for name in MODALITIES])
-    unimodal = jnp.where(modality_masks[..., None], unimodal[:, None], absent[:, None])
-    present = modality_masks & has_frames[:, None, :]
-    rows = batch_size * num_scenarios
-    return unimodal.reshape((rows,) + unimodal.shape[2:]), present.reshape(rows, -1)
+    return (scenarios.select_scenarios(modality_masks, unimodal, absent),
+            scenarios.flatten_scenarios(modality_masks & has_frames[:, None, :]))
 
   @nn.nowrap
   def fuse(self, unimodal, present, *, train: bool):
@@ -216,12 +212,6 @@ class PerceiverFusion(nn.Module):
         fused = nn.Dropout(self.fused_dropout)(fused, deterministic=not train)
         fused = _activation(self.fused_activation)(fused)
     return {"fused": fused, "unimodal": unimodal, "tokens": h, "present": present}
-
-
-def unflatten_scenarios(outputs, scenario_modality_mask):
-  """Network outputs on (B S) rows, scenarios minor, as (B, S, ...)."""
-  leading = scenario_modality_mask.shape[:2]
-  return jax.tree.map(lambda x: x.reshape(leading + x.shape[1:]), outputs)
 
 
 def _activation(name: str):
