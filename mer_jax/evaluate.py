@@ -267,6 +267,9 @@ def evaluate_run(workdir: str, config=None, *, checkpoint: str | None = None,
   all_results = {}
   for index, stage in enumerate(stages):
     params, method_state, epoch = load_stage_params(workdir, stage, example, checkpoint=checkpoint)
+    # Laid out as training left them: the forward that validation compiled for
+    # replicated params is then reused, not traced and compiled again for host arrays.
+    params, method_state = parallel.replicate((params, method_state), mesh)
     predictor = Predictor.from_config(stage, mesh, config)
     results, stage_embeddings = run_scenarios(
         predictor, params, method_state, split, spec, config.eval, key=eval_key,

@@ -243,6 +243,9 @@ class Model:
         self.spec, text_tokens=self.text_tokens)
     self.params, self.method_state, _ = load_stage_params(workdir, self.stage, example,
                                                           checkpoint=checkpoint)
+    # On the device once, instead of copied from the host at every call.
+    self.params, self.method_state = parallel.replicate((self.params, self.method_state),
+                                                        self.mesh)
     self.predictor = Predictor(self.stage, self.mesh, 32, on_device=False)
 
   @property
