@@ -221,9 +221,8 @@ def run_benchmark(config, *, steps: int = 10, repeats: int = 3, loop_epochs: int
   seeds_seconds = None
   if config.num_seeds > 1:
     seed_keys = jax.random.split(key, config.num_seeds)
-    stacked = trainer.run_once(jax.vmap(lambda k: init_train_state(stage, tx, example, k)),
-                               seed_keys)
-    stacked = parallel.replicate(stacked, mesh)
+    stacked = parallel.replicate(
+        trainer.init_stacked_train_states(stage, tx, example, list(seed_keys)), mesh)
     teachers = jax.tree.map(lambda x: jnp.stack([x] * config.num_seeds),
                             (context.frozen, context.frozen_state))
     seeds_step = make_train_step(stage, tx, seed_keys, StageContext(*teachers), mesh,

@@ -714,19 +714,36 @@ def run_once(fn, *args):
 
 
 def init_train_state(stage: Stage, tx, example_batch, key) -> TrainState:
-  """Fresh parameters, optimiser and method state of a stage, as one program that runs
-  once (`run_once`); traced inline under a transformation (vmap it over keys for stacked
-  seeds, inside `run_once`)."""
+  """Fresh parameters, optimiser and method state of a stage; traced inline under a
+  transformation.
 
-  def fresh(key):
-    params = stage.model.init({"params": key, "dropout": key}, example_batch,
-                              train=False)["params"]
-    return TrainState(
-        step=jnp.zeros((), jnp.int32), epoch=jnp.zeros((), jnp.int32), params=params,
-        opt_state=tx.init(params), method_state=stage.init_state(),
-        best_value=jnp.asarray(-jnp.inf, jnp.float32), best_epoch=jnp.asarray(-1, jnp.int32))
+  Called with a concrete key, the parameters are one program that runs once
+  (`run_once`) and the optimiser state another, small one: the optimiser state holds the
+  schedule's length, so the parameter initialisation (the larger program: every
+  initialiser's random numbers) is one compilation for runs of any length.
+  """
 
-  return fresh(key) if isinstance(key, jax.core.Tracer) else run_once(fresh, key)
+  def fresh_params(key):
+    return stage.model.init({"params": key, "dropout": key}, example_batch,
+                            train=False)["params"]
+
+  if isinstance(key, jax.core.Tracer):
+    params = fresh_params(key)
+    opt_state = tx.init(params)
+  else:
+    params = run_once(fresh_params, key)
+    opt_state = jax.jit(tx.init)(params)
+  return TrainState(
+      step=jnp.zeros((), jnp.int32), epoch=jnp.zeros((), jnp.int32), params=params,
+      opt_state=opt_state, method_state=stage.init_state(),
+      best_value=jnp.asarray(-jnp.inf, jnp.float32), best_epoch=jnp.asarray(-1, jnp.int32))
+
+
+def init_stacked_train_states(stage: Stage, tx, example_batch, keys) -> TrainState:
+  """`init_train_state` of each key, stacked on a leading seed axis: every seed runs the
+  single-seed initialisation programs, so stacked and single-seed runs share them."""
+  states = [init_train_state(stage, tx, example_batch, key) for key in keys]
+  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
 
 
 class _BoundStep:
@@ -947,8 +964,7 @@ def _init_state(stage: Stage, tx, batcher: Batcher, seeds, stage_index: int, mes
           for seed in seeds]
   example = {k: v[:2] for k, v in batcher.arrays.items()}
   if stacked:
-    state = run_once(jax.vmap(lambda key: init_train_state(stage, tx, example, key)),
-                     jnp.stack([k[0] for k in keys]))
+    state = init_stacked_train_states(stage, tx, example, [k[0] for k in keys])
     return parallel.replicate(state, mesh), jnp.stack([k[1] for k in keys])
   return parallel.replicate(init_train_state(stage, tx, example, keys[0][0]), mesh), keys[0][1]
 
