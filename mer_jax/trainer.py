@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import re
 import signal
@@ -22,6 +23,7 @@ from typing import NamedTuple
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
@@ -125,6 +127,17 @@ def with_schedule_length(opt_state, total_steps: int):
 
 def make_optimizer(train_config, steps_per_epoch: int, num_epochs: int, *,
                    learning_rate: float | None = None, grad_clip: float | None = None):
+  """`_optimizer` of these settings, built once per process: runs with equal settings
+  get the same transformation, and so the same traced train step (`_train_step_program`).
+  """
+  settings = json.dumps(train_config.to_dict() if hasattr(train_config, "to_dict")
+                        else dict(train_config), sort_keys=True, default=repr)
+  return _optimizer(settings, steps_per_epoch, num_epochs, learning_rate, grad_clip)
+
+
+@functools.lru_cache(maxsize=16)
+def _optimizer(settings: str, steps_per_epoch: int, num_epochs: int,
+               learning_rate: float | None, grad_clip: float | None):
   """optax optimiser from `config.train` (optimizer, schedule, warmup, clipping).
 
   `learning_rate` overrides `config.train.learning_rate` (a stage's own rate, e.g.
@@ -137,6 +150,7 @@ def make_optimizer(train_config, steps_per_epoch: int, num_epochs: int, *,
   text branch, `methods.text_encoder`) gets the same optimiser and schedule shape at that
   peak rate (`optax.multi_transform`); clipping stays global over all params.
   """
+  train_config = ml_collections.ConfigDict(json.loads(settings))
   if train_config.schedule not in SCHEDULES:
     raise ValueError(f"config.train.schedule must be one of {SCHEDULES}, got "
                      f"{train_config.schedule!r}")
@@ -708,35 +722,37 @@ RUN_ONCE_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0,
                              "xla_llvm_disable_expensive_passes": True}
 
 
-def run_once(fn, *args):
-  """`jax.jit(fn)(*args)`, compiled with `RUN_ONCE_COMPILER_OPTIONS`."""
-  return jax.jit(fn).lower(*args).compile(compiler_options=RUN_ONCE_COMPILER_OPTIONS)(*args)
-
-
 def init_train_state(stage: Stage, tx, example_batch, key) -> TrainState:
   """Fresh parameters, optimiser and method state of a stage; traced inline under a
   transformation.
 
   Called with a concrete key, the parameters are one program that runs once
-  (`run_once`) and the optimiser state another, small one: the optimiser state holds the
-  schedule's length, so the parameter initialisation (the larger program: every
-  initialiser's random numbers) is one compilation for runs of any length.
+  (`_init_params_program`) and the optimiser state another, small one: the optimiser
+  state holds the schedule's length, so the parameter initialisation (the larger
+  program: every initialiser's random numbers) is one compilation for runs of any length.
   """
-
-  def fresh_params(key):
-    return stage.model.init({"params": key, "dropout": key}, example_batch,
-                            train=False)["params"]
-
   if isinstance(key, jax.core.Tracer):
-    params = fresh_params(key)
+    params = _init_params(stage, key, example_batch)
     opt_state = tx.init(params)
   else:
-    params = run_once(fresh_params, key)
+    params = _init_params_program(stage)(key, example_batch)
     opt_state = jax.jit(tx.init)(params)
   return TrainState(
       step=jnp.zeros((), jnp.int32), epoch=jnp.zeros((), jnp.int32), params=params,
       opt_state=opt_state, method_state=stage.init_state(),
       best_value=jnp.asarray(-jnp.inf, jnp.float32), best_epoch=jnp.asarray(-1, jnp.int32))
+
+
+def _init_params(stage: Stage, key, example_batch):
+  return stage.model.init({"params": key, "dropout": key}, example_batch, train=False)["params"]
+
+
+@functools.lru_cache(maxsize=16)
+def _init_params_program(stage: Stage):
+  """`_init_params` jitted with `RUN_ONCE_COMPILER_OPTIONS`, one per stage in a process;
+  the example batch is an argument, not a constant, so any data shares the program."""
+  return jax.jit(functools.partial(_init_params, stage),
+                 compiler_options=RUN_ONCE_COMPILER_OPTIONS)
 
 
 def init_stacked_train_states(stage: Stage, tx, example_batch, keys) -> TrainState:
@@ -774,6 +790,15 @@ def make_train_step(stage: Stage, tx, train_key, context: StageContext, mesh, *,
   carry a leading axis of K seeds and the step is `jax.vmap`ped over it: K independent
   models train in one program (`config.num_seeds`).
   """
+  constants = parallel.replicate(
+      (train_key, context.frozen, context.frozen_state, context.teacher_outputs), mesh)
+  return _BoundStep(_train_step_program(stage, tx, mesh, seed_axis), *constants)
+
+
+@functools.lru_cache(maxsize=16)
+def _train_step_program(stage: Stage, tx, mesh, seed_axis: bool):
+  """The jitted step of a stage and optimiser on a mesh, one per process: a second run
+  of the same config reuses its trace and compilation."""
 
   def train_step(state: TrainState, batch, train_key, frozen, frozen_state, teacher_outputs):
     key = jax.random.fold_in(train_key, state.step)
@@ -799,13 +824,10 @@ def make_train_step(stage: Stage, tx, train_key, context: StageContext, mesh, *,
   replicated = parallel.replicated(mesh)
   # Fixed in/out shardings: state replaced on the host between epochs (epoch counter,
   # best value) is re-laid out to match instead of triggering a recompilation.
-  jitted = jax.jit(jax.vmap(train_step) if seed_axis else train_step, donate_argnums=(0,),
-                   in_shardings=(replicated, parallel.data_sharding(mesh, int(seed_axis)),
-                                 replicated, replicated, replicated, replicated),
-                   out_shardings=(replicated, replicated))
-  constants = parallel.replicate(
-      (train_key, context.frozen, context.frozen_state, context.teacher_outputs), mesh)
-  return _BoundStep(jitted, *constants)
+  return jax.jit(jax.vmap(train_step) if seed_axis else train_step, donate_argnums=(0,),
+                 in_shardings=(replicated, parallel.data_sharding(mesh, int(seed_axis)),
+                               replicated, replicated, replicated, replicated),
+                 out_shardings=(replicated, replicated))
 
 
 def teacher_outputs(stage: Stage, context: StageContext, batcher: Batcher, *,

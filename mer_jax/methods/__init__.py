@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 
 METHODS = ("dqf", "mcur", "cmad", "cmarr", "ease")
 
@@ -29,6 +30,30 @@ def build_stages(config, spec):
   """
   if config.method not in METHODS:
     raise ValueError(f"config.method must be one of {METHODS}, got {config.method!r}")
+  # Built once per process and config: runs of one config (seeds, sweep trials, a resumed
+  # or longer run) get the same stage objects, and so reuse every program traced and
+  # compiled for them (the trainer's caches are keyed by stage).
+  key = (_build_fields(config), spec)
+  if key not in _BUILT:
+    _BUILT[key] = _build(config, spec)
+    while len(_BUILT) > 16:
+      _BUILT.pop(next(iter(_BUILT)))
+  return list(_BUILT[key])
+
+
+_BUILT: dict = {}
+# Config fields no method's `build` reads: configs that differ only in them build equal
+# stages (the seed reaches the programs as keys, the data as arrays and `spec`).
+_NOT_BUILT_FROM = ("seed", "num_seeds", "seeds_in_one_program", "num_devices", "data", "eval",
+                   "log")
+
+
+def _build_fields(config) -> str:
+  fields = {k: v for k, v in config.to_dict().items() if k not in _NOT_BUILT_FROM}
+  return json.dumps(fields, sort_keys=True, default=repr)
+
+
+def _build(config, spec) -> tuple:
   module = importlib.import_module(f"mer_jax.methods.{config.method}")
   from mer_jax.methods import text_encoder
   from mer_jax.methods.base import with_compute_dtype
@@ -37,4 +62,4 @@ def build_stages(config, spec):
     stages = text_encoder.build_with_text_encoder(module.build, config, spec)
   else:
     stages = module.build(config, spec)
-  return [with_compute_dtype(stage, config.get("dtype", "float32")) for stage in stages]
+  return tuple(with_compute_dtype(stage, config.get("dtype", "float32")) for stage in stages)
