@@ -86,6 +86,7 @@ def _check_shapes(out, batch_size, shape, length, task="classification"):
   chex.assert_shape([out["udcl_scale"], out["udcl_shift"], out["udcl_temperature"]], (3,))
 
 
+@pytest.mark.slow
 def test_output_values_and_shapes():
   spec, params, apply = classifier()
   batch = random_batch(spec, batch_size=4)
@@ -118,6 +119,7 @@ def _prediction_gradient():
 
 
 @pytest.mark.parametrize("combination", range(6))
+@pytest.mark.slow
 def test_missing_modality_input_is_never_read(combination):
   """Outputs, reconstructions and the fused representation are identical whatever the
   missing modalities' features and frame masks hold, and their gradient is exactly 0."""
@@ -149,6 +151,7 @@ def test_missing_modality_input_is_never_read(combination):
       assert np.abs(np.asarray(grads[name])[~absent]).sum() > 0, name
 
 
+@pytest.mark.slow
 def test_padded_frames_never_change_outputs():
   spec, params, apply = classifier()
   batch = random_batch(spec, batch_size=4, real_lengths=([3, 6, 1, 2], [2, 5, 4, 5],
@@ -304,6 +307,7 @@ def test_training_inputs_keep_real_features_of_removed_modalities():
     np.testing.assert_array_equal(inputs[f"{name}_mask"], batch[f"{name}_mask"])
 
 
+@pytest.mark.slow
 def test_total_loss_weights_each_term():
   """L = alpha L_udcl + beta L_spcl + lambda L_rec + L_cls + lambda_flow L_flow with the
   config's weights (alpha = 0 / beta = 0 are the "w/o" ablations)."""
@@ -372,6 +376,7 @@ def test_reconstruction_loss_trains_the_refinement_not_the_flows():
   assert sum(rec[f"umc_{name}"] + rec[f"proj_{name}"] for name in MODALITIES) > 0
 
 
+@pytest.mark.slow
 def test_flow_likelihood_is_the_class_prior_shared_by_all_modalities():
   """L_flow against numpy: per (sample, modality) slot with real frames, the NLL per
   dimension of the latents under N(mean_y, exp(log_std_y)^2) of the sample's class y
@@ -477,6 +482,7 @@ def test_baseline_zero_fills_absent_modalities_and_has_no_reconstruction():
   assert float(terms["loss_cls"]) > 0
 
 
+@pytest.mark.slow
 def test_without_umc_attention_drops_the_sequence_interaction():
   """Table 3's "w/o attention" (model.umc_attention=False): the UMCs have no
   self-attention parameters and compute a different alignment."""

@@ -130,6 +130,7 @@ MISTAKES = [
 ]
 
 
+@pytest.mark.slow
 def test_every_documented_command_is_accepted_and_mistakes_are_not():
   commands = documented_commands()
   modules = {module for _, module, _ in commands}

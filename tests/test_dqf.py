@@ -75,6 +75,7 @@ VARIANT_IDS = ["dqf", "without_qua", "without_qca", "qua_with_mult"]
 
 
 @pytest.mark.parametrize("overrides", VARIANTS, ids=VARIANT_IDS)
+@pytest.mark.slow
 def test_padding_and_absent_modalities_never_change_outputs(overrides):
   spec = tiny_spec("classification")
   (stage,) = dqf.build(tiny_config(**overrides), spec)
@@ -155,7 +156,8 @@ BLOCKS = {
 
 # Q-CA's case compiles two gradients of a 4-attention layer (~30 s on a busy 2-core
 # machine); its scanned stack is also checked by the numpy reference forward.
-@pytest.mark.parametrize("block", ["qua", "mult", pytest.param("qca", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("block", ["qua", "mult", "qca"])
 def test_scanned_stacks_equal_the_unrolled_layers(block):
   """Both forms built, the unrolled params stacked into the scanned layout: outputs agree
   (scanned with and without remat) and so do the gradients (scanned with remat), and the
@@ -361,6 +363,7 @@ def np_dqf(params, batch, num_layers, length):
   return {"output": np_head(p["head"], features), "embedding": features, "aux_outputs": aux}
 
 
+@pytest.mark.slow
 def test_forward_matches_an_independent_numpy_computation():
   """Two layers, unequal lengths (align_length pools up), padding, an absent modality and a
   sample with text only: every output of the flax forward against float64 numpy."""
@@ -378,6 +381,7 @@ def test_forward_matches_an_independent_numpy_computation():
   assert np.abs(reference["output"]).max() > 1e-3  # not a comparison of zeros
 
 
+@pytest.mark.slow
 def test_masks_in_the_network_equal_one_forward_per_masked_batch():
   """Validation's fixed combinations in one forward (`Stage.masks_in_network`: the
   unimodal encoders run once, absent modalities once per stage): every scenario's

@@ -123,6 +123,7 @@ def test_output_shapes(task, shape):
   chex.assert_shape([out["present"], out["uncertainty"]], (3, 3))
 
 
+@pytest.mark.slow
 def test_complete_input_is_not_completed(setup):
   out = setup["forward"](setup["params"], rows(setup))
   chex.assert_tree_all_finite(out)
@@ -179,6 +180,7 @@ def test_padded_frames_never_change_outputs(setup):
   chex.assert_trees_all_close(forward(params, batch), forward(params, changed), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_without_ucmi_nothing_is_completed():
   spec = tiny_spec("regression")
   config = tiny_config()
@@ -227,6 +229,7 @@ def test_training_views_full_and_partial_protocols(setup):
                             views["modality_mask"][2 * BATCH:])
 
 
+@pytest.mark.slow
 def test_lnln_only_preset_drops_frames_and_never_a_modality(setup):
   """`config.missing.partial_view_subsets=False` (reachable from the command line): the
   partial views are LNLN's frame masking alone."""
@@ -253,6 +256,7 @@ def test_lnln_only_preset_drops_frames_and_never_a_modality(setup):
       np.testing.assert_array_equal(views[f"{name}_mask"][part], batch[f"{name}_mask"])
 
 
+@pytest.mark.slow
 def test_a_fine_tuned_bert_reads_the_three_views(setup):
   """With token ids (the real configs' BERT branch) the views carry `text_dropped`: none in
   the full view, the zeroed text positions in the partial ones; the wrapped loss traces."""
@@ -327,6 +331,7 @@ def loss_setup(setup):
               params=params)
 
 
+@pytest.mark.slow
 def test_task_and_consistency_match_numpy_over_separate_forwards(loss_setup):
   s = loss_setup
   labels = s["batch"]["label"]
@@ -483,6 +488,7 @@ def test_calibration_check_reports_audio_and_vision(setup):
 # ----------------------------------------------------------------------------- training
 
 
+@pytest.mark.slow
 def test_training_lowers_every_loss_term(setup):
   """Adam on the cropped synthetic MOSI, tiny network, fixed seeds: the mean of each term
   over the first 10 steps against the last 10 of 150.

@@ -53,6 +53,7 @@ def test_nonfinite_is_stop_by_default():
 
 
 @pytest.mark.parametrize("log_every_steps", [1, 100])  # caught at a log step / epoch end
+@pytest.mark.slow
 def test_nonfinite_stop_names_step_terms_and_checkpoint_then_skip_resumes(tmp_path,
                                                                           log_every_steps):
   workdir = str(tmp_path)

@@ -101,6 +101,7 @@ def test_coupling_is_identity_at_init_and_keeps_its_half():
   assert np.max(np.abs(z[..., 0::2] - x[..., 0::2])) > 1e-2
 
 
+@pytest.mark.slow
 def test_flow_inverse_round_trip(flow_and_vars):
   flow, variables = flow_and_vars
   x = jax.random.normal(jax.random.key(5), (2, 5, FEATURES))
@@ -235,6 +236,7 @@ def _unrolled_flow(params, x, mask, *, inverse=False):
 
 
 @pytest.mark.parametrize("remat", [False, True])
+@pytest.mark.slow
 def test_scanned_flow_equals_the_unrolled_layers(flow_and_vars, remat):
   """nn.scan (and nn.remat) change neither values nor gradients."""
   _, variables = flow_and_vars
@@ -342,6 +344,7 @@ def umc_and_vars():
   return umc, variables
 
 
+@pytest.mark.slow
 def test_umc_shapes_and_positive_std(umc_and_vars):
   umc, variables = umc_and_vars
   x = jax.random.normal(jax.random.key(18), (3, 6, 8))
@@ -355,6 +358,7 @@ def test_umc_shapes_and_positive_std(umc_and_vars):
                              + variables["params"]["mean"]["bias"], mean, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_umc_empty_mask_is_finite(umc_and_vars):
   umc, variables = umc_and_vars
   x = jax.random.normal(jax.random.key(19), (3, 6, 8))

@@ -148,6 +148,7 @@ def backbone():
   return module, init(module, batch), batch
 
 
+@pytest.mark.slow
 def test_backbone_shapes_padding_and_absent_modalities(backbone):
   module, params, batch = backbone
   apply = jax.jit(lambda p, b: module.apply({"params": p}, b, train=False))
@@ -173,6 +174,7 @@ def test_backbone_shapes_padding_and_absent_modalities(backbone):
   assert not np.allclose(a["fused"], out["fused"], atol=1e-3)
 
 
+@pytest.mark.slow
 def test_vmapped_perceivers_equal_three_separate_perceivers(backbone):
   module, params, batch = backbone
   out, state = module.apply({"params": params}, batch, train=False,
@@ -311,6 +313,7 @@ def test_backbone_forward_matches_a_numpy_reference(official, absent_modality):
 
 
 @pytest.mark.parametrize("absent_modality,embeddings", [("zero", False), ("mask", True)])
+@pytest.mark.slow
 def test_backbone_under_several_masks_equals_one_forward_per_masked_batch(
     official, absent_modality, embeddings):
   """`scenario_modality_mask`: every modality encoded once, an absent one once per call;
@@ -339,6 +342,7 @@ def test_backbone_under_several_masks_equals_one_forward_per_masked_batch(
   assert not np.allclose(fused[:, 0], fused[:, 6], atol=1e-4)  # L alone vs LAV
 
 
+@pytest.mark.slow
 def test_absent_modality_modes(official):
   module, params, batch = official
   for mode in ("zero", "mask"):
@@ -375,6 +379,7 @@ def test_attention_inner_width_matches_numpy():
 
 
 @pytest.mark.parametrize("qkv_bias", [True, False])
+@pytest.mark.slow
 def test_absorbed_and_projected_attention_agree_with_numpy_and_in_gradients(qkv_bias):
   rng = np.random.default_rng(7)
   queries = rng.normal(size=(2, 3, 8)).astype(np.float32)  # 3 queries, head dim 6
@@ -442,6 +447,7 @@ def _unrolled(params, depth, name="layers", axis=0):
 
 
 @pytest.mark.parametrize("norm", ["pre", "post"])
+@pytest.mark.slow
 def test_scanned_transformer_encoder_equals_the_unrolled_one(norm):
   x, mask = sequence()
   scanned = TransformerEncoder(3, 2, 16, norm=norm, activation="relu", head_dim=3)
@@ -458,6 +464,7 @@ def test_scanned_transformer_encoder_equals_the_unrolled_one(norm):
     chex.assert_trees_all_close(loss(scanned), loss(scanned.clone(remat=True)), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_scanned_perceiver_and_backbone_equal_the_unrolled_ones(official):
   x, mask = sequence()
   scanned = Perceiver(**PERCEIVER)

@@ -133,6 +133,7 @@ def test_device_memory_share_is_checked():
   assert pipeline.device_memory_bytes(jax.devices()[0]) > 2**30
 
 
+@pytest.mark.slow
 def test_streamed_training_and_validation_equal_the_resident_run(tmp_path, caplog):
   spec = tiny_spec("regression")
   splits = {"train": random_batch(spec, 32, seed=0), "valid": random_batch(spec, 16, seed=1)}

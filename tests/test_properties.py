@@ -32,6 +32,7 @@ apply_frame_masking = jax.jit(missing.apply_frame_masking,
 @SETTINGS
 @given(seed=seeds, num_samples=st.sampled_from([1, 2, 7]),
        rate=st.sampled_from([0.0, 0.1, 0.3, 0.5, 0.7, 1.0]))
+@pytest.mark.slow
 def test_random_modality_mask_has_the_exact_rate_and_keeps_a_modality(seed, num_samples, rate):
   mask = np.asarray(random_modality_mask(jax.random.key(seed), num_samples, rate))
   assert mask.shape == (num_samples, 3) and mask.dtype == bool
@@ -83,6 +84,7 @@ def frame_batches(draw):
 @SETTINGS
 @given(batch=frame_batches(), seed=seeds, frame_rates=st.tuples(rates, rates, rates),
        mode=st.sampled_from(missing.FRAME_MODES), fill=st.sampled_from(missing.FILLS))
+@pytest.mark.slow
 def test_frame_masking_only_drops_real_frames(batch, seed, frame_rates, mode, fill):
   key, rates = jax.random.key(seed), np.float32(frame_rates)
   # One key drops the same frames in both variants: the flagged one marks them in the

@@ -180,6 +180,7 @@ def run(stage, workdir, **train):
   return trainer.train_stage(stage, config, SPLITS, SPEC, mesh, str(workdir))
 
 
+@pytest.mark.slow
 def test_checkpoint_every_epochs_keeps_the_best_on_device(tmp_path, monkeypatch):
   recorder = Recorder(monkeypatch)
   stage = toy_stage(num_epochs=5)
@@ -197,6 +198,7 @@ def test_checkpoint_every_epochs_keeps_the_best_on_device(tmp_path, monkeypatch)
   chex.assert_trees_all_equal(params, every)
 
 
+@pytest.mark.slow
 def test_a_crash_loses_at_most_one_interval_and_resumes_bit_exactly(tmp_path, monkeypatch):
   stage = toy_stage(num_epochs=5)
   straight, _ = run(stage, tmp_path / "straight", checkpoint_every_epochs=2)
@@ -234,6 +236,7 @@ def trainer_log(workdir):
     return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_last_selection_and_stage_learning_rate(tmp_path):
   stage = toy_stage(num_epochs=2, selection="last", learning_rate=0.0)
   params, _ = run(stage, tmp_path / "frozen")
@@ -249,6 +252,7 @@ def test_last_selection_and_stage_learning_rate(tmp_path):
 @pytest.mark.parametrize("kind, names", [
     ("fixed", ["L", "A", "V", "LA", "LV", "AV", "LAV"]), ("full", ["LAV"]),
     ("frame", ["frame0.3_LAV"])])
+@pytest.mark.slow
 def test_selection_scenarios(kind, names):
   stage, mesh = toy_stage(), parallel.make_mesh(1)
   params = stage.model.init(jax.random.key(0), SPLITS["valid"])["params"]
