@@ -98,10 +98,10 @@ def test_padding_and_absent_modalities_never_change_outputs(overrides):
 
 
 @pytest.mark.parametrize("overrides,present,absent", [
-    (dict(), ("qua_text", "qca_ta", "qca_tv", "qca_av"), ("encoder_text", "mult_ta")),
-    (dict(unimodal_encoder="transformer"), ("encoder_text", "qca_ta"), ("qua_text",)),
-    (dict(pair_fusion="transformer"), ("qua_audio", "concat_ta", "concat_av"), ("qca_ta",)),
-    (dict(pair_fusion="mult"), ("qua_vision", "mult_tv"), ("qca_tv", "concat_tv")),
+    (dict(), ("qua", "qca"), ("encoder_text", "mult_ta")),
+    (dict(unimodal_encoder="transformer"), ("encoder_text", "qca"), ("qua",)),
+    (dict(pair_fusion="transformer"), ("qua", "concat_ta", "concat_av"), ("qca",)),
+    (dict(pair_fusion="mult"), ("qua", "mult_tv"), ("qca", "concat_tv")),
 ], ids=VARIANT_IDS)
 def test_ablations_swap_the_blocks_they_name(overrides, present, absent):
   spec = tiny_spec("regression")
@@ -208,15 +208,17 @@ def test_scanned_stacks_equal_the_unrolled_layers(block):
 
 
 def test_real_config_stacks_every_layer_once():
-  """dqf_mosei.py (6 layers): every Q-UA / Q-CA parameter has a leading axis of 6."""
+  """dqf_mosei.py (6 layers): every Q-UA / Q-CA parameter has a leading axis of 3 (the
+  modalities' stacks, the pairs' stacks, vmapped) and then one of 6 (the layers, scanned)."""
   config = parse_flags(f"--config={os.path.join(REPO, 'configs', 'dqf_mosei.py')}")
   spec = tiny_spec("regression", lengths=(5, 5, 5), dims=(7, 5, 3))
   (stage,) = dqf.build(config, spec)
   params = jax.eval_shape(lambda: stage.model.init(
       {"params": jax.random.key(0)}, random_batch(spec, 2), train=False))["params"]
-  for block in ("qua_text", "qua_audio", "qua_vision", "qca_ta", "qca_tv", "qca_av"):
+  for block in ("qua", "qca"):
     leaves = jax.tree.leaves(params[block]["layers"])
-    assert leaves and all(leaf.shape[0] == 6 for leaf in leaves), block
+    assert leaves and all(leaf.shape[:2] == (3, 6) for leaf in leaves), block
+    assert params[block]["queries"].shape[0] == 3, block
   assert not any(name.startswith("layers_") for block in params.values()
                  if isinstance(block, dict) for name in block)
 
@@ -347,12 +349,14 @@ def np_dqf(params, batch, num_layers, length):
     x = np.where(mask[..., None], np.asarray(batch[name], np.float64), 0.0)
     x = np.where(mask[..., None], np_conv_same(p[f"proj_{name}"]["conv"], x), 0.0)
     x, mask = np_align(x, mask, length)
-    encoded.append(np_qua(p[f"qua_{name}"], x, mask, num_layers))
+    # The vmapped Q-UA stacks: modality `index`'s weights are row `index` of `qua`.
+    encoded.append(np_qua(jax.tree.map(lambda leaf, i=index: leaf[i], p["qua"]), x, mask,
+                          num_layers))
     masks.append(mask)
   unimodal = [np_masked_mean(h, m) for h, m in zip(encoded, masks, strict=True)]
-  bimodal = [np_qca(p[f"qca_{pair}"], encoded[a], masks[a], encoded[b], masks[b],
-                    num_layers).mean(1)
-             for pair, (a, b) in zip(("ta", "tv", "av"), dqf.PAIRS, strict=True)]
+  bimodal = [np_qca(jax.tree.map(lambda leaf, i=pair: leaf[i], p["qca"]), encoded[a], masks[a],
+                    encoded[b], masks[b], num_layers).mean(1)
+             for pair, (a, b) in enumerate(dqf.PAIRS)]
   tokens = np.stack(bimodal + [np.broadcast_to(p["cls"][0], bimodal[0].shape)], axis=1)
   trimodal = np_transformer_layer(p["mhsa"], tokens).mean(1)
   granularities = unimodal + bimodal + [trimodal]
@@ -451,6 +455,10 @@ def test_short_training_lowers_the_loss():
   batch["text"] = batch["text"] + batch["label"][:, None, None].astype(np.float32)
   params = jax.jit(lambda key: stage.model.init({"params": key}, batch,
                                                 train=False)["params"])(jax.random.key(0))
+  # The vmapped stacks start from their own weights, as three separate stacks would.
+  for block in ("qua", "qca"):
+    queries = np.asarray(params[block]["queries"])
+    assert not np.allclose(queries[0], queries[1]) and not np.allclose(queries[1], queries[2])
   tx = optax.adam(3e-3)
   opt_state = tx.init(params)
 

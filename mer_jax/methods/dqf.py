@@ -49,6 +49,33 @@ def present_frames(batch, modality_index: int):
   return mask
 
 
+# The three Q-UA (and Q-CA) stacks as one module vmapped over the modality (pair) axis:
+# own weights and dropout per block.
+_PER_BLOCK = dict(variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                  in_axes=0, out_axes=0)
+
+
+class _QUAWithMode(QUA):
+  """A `QUA` whose train/eval mode is an attribute: `nn.vmap` maps positional arguments
+  only."""
+
+  train: bool = False
+
+  @nn.compact
+  def __call__(self, x, frame_mask):
+    return super().__call__(x, frame_mask, train=self.train)
+
+
+class _QCAWithMode(QCA):
+  """A `QCA` whose train/eval mode is an attribute (as `_QUAWithMode`)."""
+
+  train: bool = False
+
+  @nn.compact
+  def __call__(self, h_a, mask_a, h_b, mask_b):
+    return super().__call__(h_a, mask_a, h_b, mask_b, train=self.train)
+
+
 class DQF(nn.Module):
   """The DQF network: `__call__(batch, train=...)` -> dict with `output`, `embedding`
   (B, 7 D: the unimodal, bimodal and trimodal features) and `aux_outputs` (B, 7, ...:
@@ -73,35 +100,62 @@ class DQF(nn.Module):
   remat_layers: bool = False
 
   @nn.nowrap
-  def encoders(self, index: int):
-    """(Conv1D projection, unimodal encoder: Q-UA, or a transformer for w/o Q-UA) of
-    modality `index`."""
-    name = MODALITIES[index]
-    projection = ModalityProjection(self.width, self.kernel_sizes[index], name=f"proj_{name}")
+  def projections(self):
+    """The per-modality Conv1D projections to the common width (L, A, V)."""
+    return [ModalityProjection(self.width, self.kernel_sizes[index], name=f"proj_{name}")
+            for index, name in enumerate(MODALITIES)]
+
+  @nn.nowrap
+  def unimodal_encoders(self, *, train: bool):
+    """`encode(x (3, B, L, D), frame masks (3, B, L)) -> (3, B, L, D)`: the three
+    modalities' Q-UA stacks, or the w/o-Q-UA transformers.
+
+    The Q-UA stacks (own weights each) run as one module vmapped over the modality axis
+    (`qua/...`, leading axis 3): the compiled program holds one stack instead of three,
+    the numbers are those of three separate stacks."""
     if self.unimodal_encoder == "qua":
-      return projection, QUA(self.num_layers, self.num_heads, self.mlp_dim, self.dropout,
-                             scan=self.scan_layers, remat=self.remat_layers, name=f"qua_{name}")
+      return nn.vmap(_QUAWithMode, **_PER_BLOCK, axis_size=len(MODALITIES))(
+          self.num_layers, self.num_heads, self.mlp_dim, self.dropout, scan=self.scan_layers,
+          remat=self.remat_layers, train=train, name="qua")
     if self.unimodal_encoder == "transformer":
-      return projection, TransformerEncoder(self.num_layers, self.num_heads, self.mlp_dim,
-                                            self.dropout, name=f"encoder_{name}")
+      encoders = [TransformerEncoder(self.num_layers, self.num_heads, self.mlp_dim,
+                                     self.dropout, name=f"encoder_{name}")
+                  for name in MODALITIES]
+      return lambda x, masks: jnp.stack([encoder(x[index], masks[index], train=train)
+                                         for index, encoder in enumerate(encoders)])
     raise ValueError(f"config.model.unimodal_encoder={self.unimodal_encoder!r}: choose one "
                      f"of {UNIMODAL_ENCODERS}")
 
   @nn.nowrap
-  def encode(self, encoders, x, mask, *, train: bool):
-    """(B, L, D) encoding at the common length and its (B, L) frame mask."""
-    projection, unimodal = encoders
-    x, mask = align_length(projection(x, mask), mask, self.common_length)
-    return unimodal(x, mask, train=train), mask
+  def encode(self, projections, unimodal, features, frame_masks):
+    """(3, B, L, D) encodings at the common length and their (3, B, L) frame masks."""
+    aligned = [align_length(projection(x, mask), mask, self.common_length)
+               for projection, x, mask in zip(projections, features, frame_masks, strict=True)]
+    masks = jnp.stack([mask for _, mask in aligned])
+    return unimodal(jnp.stack([x for x, _ in aligned]), masks), masks
 
   @nn.nowrap
-  def bimodal(self, pair_name: str, h_a, mask_a, h_b, mask_b, *, train: bool):
-    """(B, D) feature of one modality pair: pooled Q-CA (Eq. 5-8) or a stand-in."""
+  def pair_features(self, encoded, masks, *, train: bool):
+    """The (B, D) features of the pairs ta, tv, av: pooled Q-CA (Eq. 5-8) or a stand-in.
+
+    The three Q-CA stacks run as one module vmapped over the pair axis (`qca/...`,
+    leading axis 3), as the Q-UA stacks do."""
     if self.pair_fusion == "qca":
-      fused = QCA(self.num_layers, self.num_heads, self.mlp_dim, self.dropout,
-                  scan=self.scan_layers, remat=self.remat_layers, name=f"qca_{pair_name}")(
-                      h_a, mask_a, h_b, mask_b, train=train)
-      return fused.mean(axis=1)  # Eq. 8: the fused sequence is query-indexed.
+      first, second = ([encoded[pair[side]] for pair in PAIRS] for side in (0, 1))
+      first_masks, second_masks = ([masks[pair[side]] for pair in PAIRS] for side in (0, 1))
+      fused = nn.vmap(_QCAWithMode, **_PER_BLOCK, axis_size=len(PAIRS))(
+          self.num_layers, self.num_heads, self.mlp_dim, self.dropout, scan=self.scan_layers,
+          remat=self.remat_layers, train=train, name="qca")(
+              jnp.stack(first), jnp.stack(first_masks), jnp.stack(second),
+              jnp.stack(second_masks))
+      return list(fused.mean(axis=2))  # Eq. 8: the fused sequence is query-indexed.
+    return [self.stand_in_pair_fusion(MODALITIES[a][0] + MODALITIES[b][0], encoded[a],
+                                      masks[a], encoded[b], masks[b], train=train)
+            for a, b in PAIRS]
+
+  @nn.nowrap
+  def stand_in_pair_fusion(self, pair_name: str, h_a, mask_a, h_b, mask_b, *, train: bool):
+    """(B, D) feature of one modality pair from a Table 4 stand-in for Q-CA."""
     if self.pair_fusion == "mult":
       return MulTPairFusion(self.num_layers, self.num_heads, self.mlp_dim, self.dropout,
                             scan=self.scan_layers, remat=self.remat_layers,
@@ -113,23 +167,23 @@ class DQF(nn.Module):
                      f"{PAIR_FUSIONS}")
 
   @nn.nowrap
-  def encode_under_masks(self, batch, modality_masks, *, train: bool):
+  def encode_under_masks(self, projections, unimodal, batch, modality_masks):
     """Every modality encoded once, then each row's encoding under each of S modality
     masks (B, S, 3): its own where present, an absent modality's otherwise.
 
     Returns lists of (B S, L, D) encodings and (B S, L) frame masks (`nn.scenarios`).
     """
     modality_masks = scenarios.combined_masks(batch, modality_masks)
-    encoded, masks = [], []
-    for index, name in enumerate(MODALITIES):
-      encoders = self.encoders(index)
-      h, mask = self.encode(encoders, batch[name], batch[f"{name}_mask"], train=train)
-      absent_h, absent_mask = self.encode(
-          encoders, jnp.zeros_like(batch[name][:1]), jnp.zeros_like(batch[f"{name}_mask"][:1]),
-          train=train)
-      present = modality_masks[:, :, index]
-      encoded.append(scenarios.select_scenarios(present, h, absent_h))
-      masks.append(scenarios.select_scenarios(present, mask, absent_mask))
+    h, mask = self.encode(projections, unimodal, [batch[name] for name in MODALITIES],
+                          [batch[f"{name}_mask"] for name in MODALITIES])
+    absent_h, absent_mask = self.encode(
+        projections, unimodal, [jnp.zeros_like(batch[name][:1]) for name in MODALITIES],
+        [jnp.zeros_like(batch[f"{name}_mask"][:1]) for name in MODALITIES])
+    present = [modality_masks[:, :, index] for index in range(len(MODALITIES))]
+    encoded = [scenarios.select_scenarios(present[index], h[index], absent_h[index])
+               for index in range(len(MODALITIES))]
+    masks = [scenarios.select_scenarios(present[index], mask[index], absent_mask[index])
+             for index in range(len(MODALITIES))]
     return encoded, masks
 
   @nn.compact
@@ -137,12 +191,15 @@ class DQF(nn.Module):
     """`scenario_modality_mask` (B, S, 3): outputs (B, S, ...) under S modality masks at
     once (features not yet masked), the unimodal encoders run once rather than per
     scenario; the same outputs as S calls on `missing.apply_modality_mask`ed batches."""
+    projections, unimodal = self.projections(), self.unimodal_encoders(train=train)
     if scenario_modality_mask is None:
-      encoded, masks = zip(*(self.encode(self.encoders(index), batch[name],
-                                         present_frames(batch, index), train=train)
-                             for index, name in enumerate(MODALITIES)), strict=True)
+      encoded, masks = self.encode(
+          projections, unimodal, [batch[name] for name in MODALITIES],
+          [present_frames(batch, index) for index in range(len(MODALITIES))])
+      encoded, masks = list(encoded), list(masks)
     else:
-      encoded, masks = self.encode_under_masks(batch, scenario_modality_mask, train=train)
+      encoded, masks = self.encode_under_masks(projections, unimodal, batch,
+                                               scenario_modality_mask)
     outputs = self.fuse(encoded, masks, train=train)
     if scenario_modality_mask is None:
       return outputs
@@ -152,8 +209,7 @@ class DQF(nn.Module):
   def fuse(self, encoded, masks, *, train: bool):
     """Eq. 5-9 and the heads on the unimodal encodings."""
     unimodal = [masked_mean(h, mask) for h, mask in zip(encoded, masks, strict=True)]
-    bimodal = [self.bimodal(MODALITIES[a][0] + MODALITIES[b][0], encoded[a], masks[a],
-                            encoded[b], masks[b], train=train) for a, b in PAIRS]
+    bimodal = self.pair_features(encoded, masks, train=train)
 
     cls = self.param("cls", nn.initializers.normal(0.02), (1, self.width))
     tokens = jnp.stack(bimodal + [jnp.broadcast_to(cls, bimodal[0].shape)], axis=1)
