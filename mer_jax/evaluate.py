@@ -55,16 +55,21 @@ def run_scenarios(predictor: Predictor, params, method_state, split, spec, eval_
   scenario-vmapped forward; the last group is padded with copies of its last scenario
   so that every call has the same shapes (one compilation). Scenarios that only remove
   whole modalities are grouped apart from those with frame drops or noise, so that
-  their calls take the predictor's modality-only forward.
+  their calls take the predictor's modality-only forward. A scenario of that kind whose
+  modality masks equal an earlier one's (frame rate 0 of every masked set is the full
+  combination `LAV`) is not run again: nothing random enters it, so it shares the
+  earlier one's outputs.
   """
   num_rows = len(split["label"])
   scenarios = missing.eval_scenarios(eval_config)
   keys = [jax.random.fold_in(key, index) for index in range(len(scenarios))]
   inputs = [scenario_inputs(s, num_rows, k) for s, k in zip(scenarios, keys, strict=True)]
-  per_call = max(1, min(int(eval_config.get("scenarios_per_call", 8)), len(scenarios)))
   modalities_only = [not np.any(rates) and not noise for _, rates, noise in inputs]
+  same_as = _same_inputs(inputs, modalities_only)
+  to_run = [i for i in range(len(scenarios)) if same_as[i] == i]
+  per_call = max(1, min(int(eval_config.get("scenarios_per_call", 8)), len(to_run)))
   results, embeddings = {}, {}
-  for group in _scenario_groups(modalities_only, per_call):
+  for group in _scenario_groups(to_run, modalities_only, per_call):
     padded = group + [group[-1]] * (per_call - len(group))
     outputs = predictor.predict_scenarios(
         params, method_state, split,
@@ -79,17 +84,34 @@ def run_scenarios(predictor: Predictor, params, method_state, split, spec, eval_
           label_range=spec.label_range, names=spec.class_names or None)
       if keep_embeddings:
         embeddings[name] = outputs["embedding"][position]
+  for index, first in enumerate(same_as):
+    if first != index:
+      results[scenarios[index].name] = dict(results[scenarios[first].name])
+      if keep_embeddings:
+        embeddings[scenarios[index].name] = embeddings[scenarios[first].name]
   results = {s.name: results[s.name] for s in scenarios}  # the protocol's order
   results["summary"] = metrics_lib.summarize(results, spec.task)
   return results, embeddings
 
 
-def _scenario_groups(modalities_only: list[bool], per_call: int) -> list[list[int]]:
-  """Scenario indices in calls of at most `per_call`, each call of one kind."""
+def _same_inputs(inputs, modalities_only: list[bool]) -> list[int]:
+  """For each scenario, the index of the first modality-only scenario with the same
+  modality masks (its own index when none, or when frames drop or noise is added)."""
+  first_with, same_as = {}, []
+  for index, ((modality_mask, _, _), only) in enumerate(zip(inputs, modalities_only,
+                                                             strict=True)):
+    same_as.append(first_with.setdefault(modality_mask.tobytes(), index) if only else index)
+  return same_as
+
+
+def _scenario_groups(indices: list[int], modalities_only: list[bool],
+                     per_call: int) -> list[list[int]]:
+  """`indices` in calls of at most `per_call` scenarios, each call of one kind."""
   groups = []
   for kind in (True, False):
-    indices = [i for i, only in enumerate(modalities_only) if only == kind]
-    groups += [indices[start:start + per_call] for start in range(0, len(indices), per_call)]
+    indices_of_kind = [i for i in indices if modalities_only[i] == kind]
+    groups += [indices_of_kind[start:start + per_call]
+               for start in range(0, len(indices_of_kind), per_call)]
   return groups
 
 

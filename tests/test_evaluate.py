@@ -11,6 +11,7 @@ from ml_collections import ConfigDict
 
 from mer_jax import evaluate, parallel
 from mer_jax.config_lib import base_config
+from mer_jax.data import missing
 from mer_jax.methods import dqf
 from mer_jax.trainer import Predictor
 
@@ -91,6 +92,46 @@ def test_run_scenarios_does_not_depend_on_grouping(dqf_setup):
 def test_modality_only_scenarios_are_called_apart():
   # 7 fixed, 2 MR, 1 frame-0.0 (modalities only), then a frame drop and a noise scenario.
   kinds = [True] * 10 + [False, False]
-  groups = evaluate._scenario_groups(kinds, 4)
+  groups = evaluate._scenario_groups(list(range(12)), kinds, 4)
   assert groups == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9], [10, 11]]
-  assert evaluate._scenario_groups([False, True, False], 8) == [[1], [0, 2]]
+  assert evaluate._scenario_groups([0, 1, 2], [False, True, False], 8) == [[1], [0, 2]]
+  assert evaluate._scenario_groups([0, 2, 3], [True, True, False, True], 8) == [[0, 3], [2]]
+
+
+class _RecordingPredictor:
+  """Stands in for a `Predictor`: records the scenarios of each call and returns, per row,
+  the number of available modalities plus a per-scenario random part (which a shared
+  result could not reproduce) when frames drop."""
+
+  def __init__(self):
+    self.calls = []
+
+  def predict_scenarios(self, params, method_state, split, *, modality_masks, frame_rates,
+                        noise_intensities, keys):
+    self.calls.append(np.asarray(frame_rates))
+    counts = modality_masks.sum(-1).astype(np.float32)  # (S, N)
+    noise = np.stack([jax.random.uniform(k, counts.shape[1:]) for k in keys])
+    output = counts + noise * (frame_rates.sum(-1, keepdims=True) > 0)
+    return {"output": output[..., None], "embedding": np.stack([output] * 2, -1)}
+
+
+def test_scenarios_with_the_inputs_of_an_earlier_one_are_not_run_again():
+  split = random_batch(tiny_spec("regression"), batch_size=6, seed=0)
+  config = ConfigDict({"fixed": True, "missing_rates": (0.5,), "frame_rates": (0.0, 0.5),
+                       "frame_sets": ("L", "AV"), "noise_intensities": (),
+                       "scenarios_per_call": 4})
+  predictor = _RecordingPredictor()
+  results, embeddings = evaluate.run_scenarios(
+      predictor, None, None, split, tiny_spec("regression"), config, key=jax.random.key(0),
+      keep_embeddings=True)
+  names = [s.name for s in missing.eval_scenarios(config)]
+  assert list(results) == names + ["summary"]
+  # 7 fixed + MR0.5 run (two calls of 4); frame0.0_L and frame0.0_AV are LAV's inputs and
+  # share its results; the two frame-0.5 scenarios take one call of their own.
+  assert [len(rates) for rates in predictor.calls] == [4, 4, 4]
+  assert [np.any(call, axis=-1).tolist() for call in predictor.calls] == [[False] * 4] * 2 + [
+      [True] * 4]
+  for name in ("frame0.0_L", "frame0.0_AV"):
+    assert results[name] == results["LAV"]
+    np.testing.assert_array_equal(embeddings[name], embeddings["LAV"])
+  assert results["frame0.5_L"] != results["frame0.5_AV"]
