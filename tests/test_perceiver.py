@@ -16,11 +16,13 @@ from helpers import random_batch, tiny_spec
 
 from mer_jax.data import missing
 from mer_jax.nn.attention import (
+    CrossAttentionLayer,
     ModalityProjection,
     MultiHeadAttention,
     TransformerEncoder,
     absorbed_projections_are_cheaper,
     attention_mask,
+    standardize,
 )
 from mer_jax.nn.fusion import PerceiverFusion
 from mer_jax.nn.perceiver import Perceiver
@@ -53,6 +55,20 @@ def init(module, *args, seed=0, **kwargs):
             (0.4 * rng.normal(size=v.shape)).astype(np.float32) for k, v in node.items()}
 
   return fill(shapes)
+
+
+def with_random_norms(params, seed=1):
+  """`params` with every LayerNorm's scale and bias drawn away from 1 and 0, so that a
+  reference also checks where a norm's affine part is applied."""
+  rng = np.random.default_rng(seed)
+
+  def draw(path, a):
+    if path[-1].key == "scale":
+      return (1 + 0.5 * rng.normal(size=a.shape)).astype(np.float32)
+    return (0.3 * rng.normal(size=a.shape)).astype(np.float32) if path[-1].key == "bias" \
+        and path[-2].key.startswith("norm") else a
+
+  return jax.tree_util.tree_map_with_path(draw, params)
 
 
 @pytest.fixture(scope="module")
@@ -301,6 +317,9 @@ def official():
 def test_backbone_forward_matches_a_numpy_reference(official, absent_modality):
   module, params, batch = official
   module = module.clone(absent_modality=absent_modality)
+  # The Perceivers' key norms are split into one standardisation of the frames and each
+  # layer's scale and bias folded into its kernels: drawn norms check both.
+  params = with_random_norms(params)
   out = jax.jit(lambda p, b: module.apply({"params": p}, b, train=False))(params, batch)
   np.testing.assert_allclose(out["fused"], np_backbone(batch, params,
                                                        absent_modality=absent_modality),
@@ -411,6 +430,44 @@ def test_absorbed_and_projected_attention_agree_with_numpy_and_in_gradients(qkv_
                              rtol=1e-5, atol=1e-5)
   loss = lambda absorb: jax.grad(lambda p: jnp.sum(apply(absorb, p, True) ** 2))(params)
   chex.assert_trees_all_close(loss(True), loss(False), rtol=1e-4, atol=1e-5)
+
+
+def test_key_norm_folded_into_the_absorbed_kernels_matches_numpy_and_in_gradients():
+  rng = np.random.default_rng(11)
+  queries = rng.normal(size=(2, 3, 8)).astype(np.float32)
+  keys = (2 + 3 * rng.normal(size=(2, 11, 5))).astype(np.float32)  # far from standardised
+  np.testing.assert_allclose(  # flax's statistics, to rounding
+      standardize(keys), flax.linen.LayerNorm(use_scale=False, use_bias=False).apply({}, keys),
+      rtol=1e-6, atol=1e-6)
+  key_mask = np.array([[1] * 6 + [0] * 5, [0] * 11], bool)  # sample 1: no real key
+  layer = CrossAttentionLayer(num_heads=2, mlp_dim=4, head_dim=6, use_feedforward=False)
+  params = with_random_norms(init(layer, queries, keys, key_mask=key_mask))
+  np64 = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  want = queries + np_attention(np_layer_norm(queries.astype(np.float64), np64["norm_q"]),
+                                np_layer_norm(keys.astype(np.float64), np64["norm_k"]),
+                                np64["attn"], key_mask)
+  assert absorbed_projections_are_cheaper(3, 11, 5, 5, 2, 6)  # the layer folds the norm
+  got = layer.apply({"params": params}, queries, keys, key_mask=key_mask, train=False)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  standardized = layer.clone(standardized_keys=True).apply(
+      {"params": params}, queries, standardize(keys), key_mask=key_mask, train=False)
+  np.testing.assert_allclose(standardized, got, rtol=1e-5, atol=1e-5)
+
+  # The fold against the norm applied to the keys, in the values and in the gradients of
+  # every param, the norm's scale and bias included.
+  attention = MultiHeadAttention(num_heads=2, head_dim=6, qkv_bias=True)
+  mask = attention_mask(np.ones((2, 3), bool), key_mask)
+
+  def loss(absorb, p, norm):
+    out = attention.clone(absorb=absorb).apply({"params": p}, queries, standardize(keys),
+                                               mask=mask, train=False, key_norm=norm)
+    return jnp.sum(out ** 2 * jnp.arange(out.size).reshape(out.shape) / out.size)
+
+  attn, norm = params["attn"], params["norm_k"]
+  folded = jax.value_and_grad(functools.partial(loss, True), argnums=(0, 1))(attn, norm)
+  applied = jax.value_and_grad(functools.partial(loss, False), argnums=(0, 1))(attn, norm)
+  chex.assert_trees_all_close(folded, applied, rtol=1e-4, atol=1e-5)
+  assert np.abs(folded[1][1]["bias"]).max() > 1e-3  # the norm's bias gets a gradient
 
 
 @pytest.mark.parametrize("kernel_size", [1, 2, 3, 4])

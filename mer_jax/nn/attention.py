@@ -35,6 +35,35 @@ def attention_mask(query_mask, key_mask):
   return nn.make_attention_mask(query_mask, key_mask, dtype=bool)
 
 
+def standardize(x, epsilon: float = 1e-6):
+  """A LayerNorm's normalisation over the last axis without its scale and bias:
+  `nn.LayerNorm()(x) == standardize(x) * scale + bias`. flax's statistics (in at least
+  float32, the variance as E[x^2] - E[x]^2 clipped at 0) and epsilon; the result in
+  `x`'s dtype."""
+  stats_dtype = jnp.promote_types(x.dtype, jnp.float32)
+  wide = x.astype(stats_dtype)
+  mean = wide.mean(-1, keepdims=True)
+  variance = jnp.maximum(0.0, (wide * wide).mean(-1, keepdims=True) - mean * mean)
+  return ((wide - mean) * jax.lax.rsqrt(variance + epsilon)).astype(x.dtype)
+
+
+def _apply_affine(x, norm):
+  """`x * scale + bias` of a LayerNorm's params `norm` ({"scale", "bias"}); None: `x`."""
+  return x if norm is None else x * norm["scale"] + norm["bias"]
+
+
+def _fold_affine(projection, norm):
+  """The kernel and bias of `projection` (kernel (D, H, d), optional bias (H, d)) applied
+  to `x * scale + bias` instead of `x`: (x s + c) W + b = x (diag(s) W) + (c W + b)."""
+  if norm is None:
+    return projection
+  kernel = projection["kernel"]
+  bias = jnp.einsum("e,ehd->hd", norm["bias"], kernel)
+  if "bias" in projection:
+    bias = bias + projection["bias"]
+  return {"kernel": kernel * norm["scale"][:, None, None], "bias": bias}
+
+
 def _head_dim(width: int, num_heads: int, head_dim: int) -> int:
   if head_dim:
     return head_dim
@@ -79,6 +108,12 @@ class MultiHeadAttention(nn.Module):
     dropout: dropout on the attention weights (training only).
     absorb: the absorbed order (True), the projected one (False), or whichever costs
       fewer multiply-adds for the shapes (None, `absorbed_projections_are_cheaper`).
+
+  `key_norm` / `value_norm` (call arguments): the params {"scale", "bias"} of a LayerNorm
+  whose input the keys / values are in `standardize`d form. The projected order applies
+  them first; the absorbed order folds them into the key / value kernel and bias
+  (`_fold_affine`), so that the normalised (B, Tk, D_kv) keys are never formed either and
+  one standardised copy of a sequence serves every layer that attends to it.
   """
 
   num_heads: int
@@ -88,11 +123,13 @@ class MultiHeadAttention(nn.Module):
   absorb: bool | None = None
 
   @nn.compact
-  def __call__(self, queries, keys, values=None, *, mask=None, train: bool):
+  def __call__(self, queries, keys, values=None, *, mask=None, train: bool, key_norm=None,
+               value_norm=None):
     """queries (B, Tq, D), keys/values (B, Tk, D_kv), mask (B, 1, Tq, Tk) bool -> (B, Tq, D)."""
     width = queries.shape[-1]
     head_dim = _head_dim(width, self.num_heads, self.head_dim)
-    values = keys if values is None else values
+    if values is None:
+      values, value_norm = keys, key_norm
 
     def project(name):
       return nn.DenseGeneral((self.num_heads, head_dim), use_bias=self.qkv_bias, name=name)
@@ -106,8 +143,11 @@ class MultiHeadAttention(nn.Module):
                                                 keys.shape[-1], values.shape[-1],
                                                 self.num_heads, head_dim)
     if absorb:
-      h = self._absorbed(q, keys, values, key_layer, value_layer, mask, attention_dropout)
-    elif attention_dropout:
+      h = self._absorbed(q, keys, values, key_layer, value_layer, mask, attention_dropout,
+                         key_norm, value_norm)
+      return nn.DenseGeneral(width, axis=(-2, -1), name="out")(h)
+    keys, values = _apply_affine(keys, key_norm), _apply_affine(values, value_norm)
+    if attention_dropout:
       k, v = key_layer(keys), value_layer(values)
       logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(q.dtype)
       h = jnp.einsum("bhqk,bkhd->bqhd", self._weights(logits, mask, True), v)
@@ -115,27 +155,42 @@ class MultiHeadAttention(nn.Module):
       h = jax.nn.dot_product_attention(q, key_layer(keys), value_layer(values), mask=mask)
     return nn.DenseGeneral(width, axis=(-2, -1), name="out")(h)
 
-  def _weights(self, logits, mask, attention_dropout: bool):
+  def _weights(self, logits, mask, attention_dropout: bool, heads_first: bool = True):
+    """Softmax over the keys, then attention dropout. `heads_first=False`: logits laid out
+    (B, Tq, H, Tk); the dropout mask is still drawn over (B, H, Tq, Tk), so that both
+    orders drop the same weights."""
     if mask is not None:
       logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(logits.dtype)
-    return nn.Dropout(self.dropout)(weights, deterministic=not attention_dropout)
+    dropout = nn.Dropout(self.dropout)
+    if heads_first or not attention_dropout:
+      return dropout(weights, deterministic=not attention_dropout)
+    heads_first_shape = jnp.swapaxes(weights, -3, -2).shape
+    keep = dropout(jnp.ones(heads_first_shape, weights.dtype), deterministic=False)
+    return weights * jnp.swapaxes(keep, -3, -2)
 
-  def _absorbed(self, q, keys, values, key_layer, value_layer, mask, attention_dropout):
-    key_params = _layer_params(key_layer, keys[..., :1, :], self.is_initializing())
-    value_params = _layer_params(value_layer, values[..., :1, :], self.is_initializing())
+  def _absorbed(self, q, keys, values, key_layer, value_layer, mask, attention_dropout,
+                key_norm, value_norm):
+    key_params = _fold_affine(_layer_params(key_layer, keys[..., :1, :],
+                                            self.is_initializing()), key_norm)
+    value_params = _fold_affine(_layer_params(value_layer, values[..., :1, :],
+                                              self.is_initializing()), value_norm)
     q = q / jnp.sqrt(q.shape[-1]).astype(q.dtype)
-    logits = jnp.einsum("bqhe,bke->bhqk", jnp.einsum("bqhd,ehd->bqhe", q,
+    # Logits and weights as (B, Tq, H, Tk): the order in which both matmuls against the
+    # keys produce and read them, so no transpose sits between them.
+    logits = jnp.einsum("bqhe,bke->bqhk", jnp.einsum("bqhd,ehd->bqhe", q,
                                                       key_params["kernel"]), keys)
     if "bias" in key_params:
-      logits = logits + jnp.einsum("bqhd,hd->bhq", q, key_params["bias"])[..., None]
-    weights = self._weights(logits, mask, attention_dropout)
-    attended = jnp.einsum("bhqk,bke->bqhe", weights, values)
+      logits = logits + jnp.einsum("bqhd,hd->bqh", q, key_params["bias"])[..., None]
+    if mask is not None:
+      mask = jnp.swapaxes(mask, -3, -2)
+    weights = self._weights(logits, mask, attention_dropout, heads_first=False)
+    attended = jnp.einsum("bqhk,bke->bqhe", weights, values)
     h = jnp.einsum("bqhe,ehd->bqhd", attended, value_params["kernel"])
     if "bias" not in value_params:
       return h
     # Each query's weights sum to 1, or to what dropout left of 1.
-    return h + jnp.einsum("bhqk,hd->bqhd", weights, value_params["bias"])
+    return h + jnp.einsum("bqhk,hd->bqhd", weights, value_params["bias"])
 
 
 def _layer_params(layer: nn.Module, example, initializing: bool):
@@ -257,6 +312,12 @@ class CrossAttentionLayer(nn.Module):
 
   `values` defaults to `keys`. Used by the Perceiver (latents -> sequence), CM-ARR's
   text-queried fusion and DQF's Q-CA (whose values are the query itself, Eq. 5).
+
+  The keys' and values' LayerNorms (`norm_k`, `norm_v`) are split into `standardize` and
+  their scale and bias, which `MultiHeadAttention` applies or folds into its kernels.
+  `standardized_keys=True`: the caller passes `standardize(keys)` (and values), computed
+  once for several layers that attend to the same sequence (the Perceiver's); the params
+  and the numbers are those of the LayerNorms.
   """
 
   num_heads: int
@@ -266,28 +327,34 @@ class CrossAttentionLayer(nn.Module):
   use_feedforward: bool = True
   head_dim: int = 0
   qkv_bias: bool = True
+  standardized_keys: bool = False
 
   @nn.compact
   def __call__(self, queries, keys, values=None, *, query_mask=None, key_mask=None,
                train: bool):
-    if values is None:
-      values = keys
     mask = None
     if key_mask is not None:
       if query_mask is None:
         query_mask = jnp.ones(queries.shape[:2], bool)
       mask = attention_mask(query_mask, key_mask)
     q = nn.LayerNorm(name="norm_q")(queries)
-    k = nn.LayerNorm(name="norm_k")(keys)
-    v = k if values is keys else nn.LayerNorm(name="norm_v")(values)
+    k, key_norm = self._split_norm(keys, "norm_k")
+    v, value_norm = ((None, None) if values is None or values is keys
+                      else self._split_norm(values, "norm_v"))
     h = MultiHeadAttention(self.num_heads, self.head_dim, self.qkv_bias, self.dropout,
-                           name="attn")(q, k, v, mask=mask, train=train)
+                           name="attn")(q, k, v, mask=mask, train=train, key_norm=key_norm,
+                                        value_norm=value_norm)
     x = queries + nn.Dropout(self.dropout)(h, deterministic=not train)
     if not self.use_feedforward:
       return x
     h = nn.LayerNorm(name="norm_ff")(x)
     h = FeedForward(self.mlp_dim, self.dropout, self.activation, name="ff")(h, train=train)
     return x + nn.Dropout(self.dropout)(h, deterministic=not train)
+
+  def _split_norm(self, x, name: str):
+    """`x` standardised and the params of its LayerNorm `name`."""
+    norm = _layer_params(nn.LayerNorm(name=name), x[..., :1, :], self.is_initializing())
+    return (x if self.standardized_keys else standardize(x)), norm
 
 
 class ModalityProjection(nn.Module):

@@ -24,14 +24,16 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mer_jax.nn.attention import CrossAttentionLayer, TransformerLayer
+from mer_jax.nn.attention import CrossAttentionLayer, TransformerLayer, standardize
 from mer_jax.nn.stack import layer_stack
 
 
 class PerceiverLayer(nn.Module):
   """One Perceiver layer: latents cross-attend to the sequence (`cross`), then
   `self_per_cross` latent self-attention blocks (`latent{j}`). `layer_stack`'s form:
-  `(latents, x, frame_mask) -> (latents, None)`, train/eval an attribute."""
+  `(latents, frames, frame_mask) -> (latents, None)`, train/eval an attribute; `frames`
+  are the sequence `standardize`d once for all layers (each layer's `cross/norm_k`
+  applies its own scale and bias)."""
 
   cross_heads: int = 1
   latent_heads: int = 4
@@ -44,10 +46,12 @@ class PerceiverLayer(nn.Module):
   train: bool = False
 
   @nn.compact
-  def __call__(self, latents, x, frame_mask):
+  def __call__(self, latents, frames, frame_mask):
     h = CrossAttentionLayer(self.cross_heads, self.mlp_dim, self.dropout, activation="geglu",
                             head_dim=self.cross_head_dim, qkv_bias=self.qkv_bias,
-                            name="cross")(latents, x, key_mask=frame_mask, train=self.train)
+                            standardized_keys=True,
+                            name="cross")(latents, frames, key_mask=frame_mask,
+                                          train=self.train)
     for j in range(self.self_per_cross):
       h = TransformerLayer(self.latent_heads, self.mlp_dim, self.dropout, activation="geglu",
                            head_dim=self.latent_head_dim, qkv_bias=self.qkv_bias,
@@ -101,12 +105,14 @@ class Perceiver(nn.Module):
                   mlp_dim=self.mlp_dim, self_per_cross=self.self_per_cross,
                   dropout=self.dropout, cross_head_dim=self.cross_head_dim,
                   latent_head_dim=self.latent_head_dim, qkv_bias=self.qkv_bias, train=train)
+    # Every layer's keys are the same frames: their LayerNorm statistics are computed once.
+    frames = standardize(x)
     if self.share_weights:
       # One set of weights applied `depth` times (nothing to stack).
       layer = PerceiverLayer(**fields, name="layers_0")
       for _ in range(self.depth):
-        h, _ = layer(h, x, frame_mask)
+        h, _ = layer(h, frames, frame_mask)
     else:
-      h = layer_stack(PerceiverLayer, self.depth, h, x, frame_mask, scan=self.scan,
+      h = layer_stack(PerceiverLayer, self.depth, h, frames, frame_mask, scan=self.scan,
                       remat=self.remat, **fields)
     return nn.LayerNorm(name="norm_out")(h.mean(axis=1))
