@@ -20,6 +20,8 @@ do not grow with depth; `scan=False` unrolls them (`layers_{i}`, the same number
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -35,16 +37,11 @@ def attention_mask(query_mask, key_mask):
   return nn.make_attention_mask(query_mask, key_mask, dtype=bool)
 
 
-def standardize(x, epsilon: float = 1e-6):
-  """A LayerNorm's normalisation over the last axis without its scale and bias:
-  `nn.LayerNorm()(x) == standardize(x) * scale + bias`. flax's statistics (in at least
-  float32, the variance as E[x^2] - E[x]^2 clipped at 0) and epsilon; the result in
-  `x`'s dtype."""
-  stats_dtype = jnp.promote_types(x.dtype, jnp.float32)
-  wide = x.astype(stats_dtype)
-  mean = wide.mean(-1, keepdims=True)
-  variance = jnp.maximum(0.0, (wide * wide).mean(-1, keepdims=True) - mean * mean)
-  return ((wide - mean) * jax.lax.rsqrt(variance + epsilon)).astype(x.dtype)
+# A LayerNorm without its scale and bias, and so without params: flax's statistics
+# (float32 at least) and epsilon, `nn.LayerNorm()(x) == Standardize()(x) * scale + bias`.
+# Used as a submodule, so that a bfloat16 stage keeps its dtype (`methods.base` casts only
+# a top-level module's outputs to float32).
+Standardize = functools.partial(nn.LayerNorm, use_scale=False, use_bias=False)
 
 
 def _apply_affine(x, norm):
@@ -110,7 +107,7 @@ class MultiHeadAttention(nn.Module):
       fewer multiply-adds for the shapes (None, `absorbed_projections_are_cheaper`).
 
   `key_norm` / `value_norm` (call arguments): the params {"scale", "bias"} of a LayerNorm
-  whose input the keys / values are in `standardize`d form. The projected order applies
+  whose input the keys / values are in `Standardize`d form. The projected order applies
   them first; the absorbed order folds them into the key / value kernel and bias
   (`_fold_affine`), so that the normalised (B, Tk, D_kv) keys are never formed either and
   one standardised copy of a sequence serves every layer that attends to it.
@@ -313,9 +310,9 @@ class CrossAttentionLayer(nn.Module):
   `values` defaults to `keys`. Used by the Perceiver (latents -> sequence), CM-ARR's
   text-queried fusion and DQF's Q-CA (whose values are the query itself, Eq. 5).
 
-  The keys' and values' LayerNorms (`norm_k`, `norm_v`) are split into `standardize` and
+  The keys' and values' LayerNorms (`norm_k`, `norm_v`) are split into `Standardize` and
   their scale and bias, which `MultiHeadAttention` applies or folds into its kernels.
-  `standardized_keys=True`: the caller passes `standardize(keys)` (and values), computed
+  `standardized_keys=True`: the caller passes `Standardize()(keys)` (and values), computed
   once for several layers that attend to the same sequence (the Perceiver's); the params
   and the numbers are those of the LayerNorms.
   """
@@ -354,7 +351,9 @@ class CrossAttentionLayer(nn.Module):
   def _split_norm(self, x, name: str):
     """`x` standardised and the params of its LayerNorm `name`."""
     norm = _layer_params(nn.LayerNorm(name=name), x[..., :1, :], self.is_initializing())
-    return (x if self.standardized_keys else standardize(x)), norm
+    if not self.standardized_keys:
+      x = Standardize(name=f"{name}_standardize")(x)
+    return x, norm
 
 
 class ModalityProjection(nn.Module):

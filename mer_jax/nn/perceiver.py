@@ -24,7 +24,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mer_jax.nn.attention import CrossAttentionLayer, TransformerLayer, standardize
+from mer_jax.nn.attention import CrossAttentionLayer, Standardize, TransformerLayer
 from mer_jax.nn.stack import layer_stack
 
 
@@ -32,7 +32,7 @@ class PerceiverLayer(nn.Module):
   """One Perceiver layer: latents cross-attend to the sequence (`cross`), then
   `self_per_cross` latent self-attention blocks (`latent{j}`). `layer_stack`'s form:
   `(latents, frames, frame_mask) -> (latents, None)`, train/eval an attribute; `frames`
-  are the sequence `standardize`d once for all layers (each layer's `cross/norm_k`
+  are the sequence `Standardize`d once for all layers (each layer's `cross/norm_k`
   applies its own scale and bias)."""
 
   cross_heads: int = 1
@@ -106,7 +106,7 @@ class Perceiver(nn.Module):
                   dropout=self.dropout, cross_head_dim=self.cross_head_dim,
                   latent_head_dim=self.latent_head_dim, qkv_bias=self.qkv_bias, train=train)
     # Every layer's keys are the same frames: their LayerNorm statistics are computed once.
-    frames = standardize(x)
+    frames = Standardize(name="standardize_frames")(x)
     if self.share_weights:
       # One set of weights applied `depth` times (nothing to stack).
       layer = PerceiverLayer(**fields, name="layers_0")
