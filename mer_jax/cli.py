@@ -12,10 +12,12 @@ Each program ends with `cli.run(main)` instead of `absl.app.run(main)`:
   (it may then be a bug rather than bad input) the line says so.
 - A pre-empted run prints `mer_jax.<program>: ...` and exits with 75 (resume later); a
   non-finite loss prints `error: ...` and exits with 1.
+- Python's garbage collector runs less often (`collect_garbage_less_often`).
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -123,6 +125,21 @@ def guarded(main, program: str):
   return wrapped
 
 
+def collect_garbage_less_often() -> None:
+  """Raise the collector's generation-0 threshold and leave the objects alive now (the
+  imported modules) out of every later collection.
+
+  Tracing a model allocates millions of short-lived Python objects; at the default
+  threshold (700) the collector walks the live ones over and over: 3% of a DQF `:tiny`
+  trace and compile under perf, and with the compiled programs cached a `:tiny` training
+  took 12.6-13.2 s instead of 13.7-17.2 s, the tests of test_dqf, test_perceiver and
+  test_ease 60-62 s instead of 66-72 s. Reference cycles are still collected.
+  """
+  gc.collect()
+  gc.freeze()
+  gc.set_threshold(100_000, 50, 100)
+
+
 def parse_flags(argv):
   """absl's flag parsing with any failure as one `error:` line and exit status 2: a flag
   that does not parse, a config file that does not load, an override naming no config
@@ -141,4 +158,5 @@ def run(main, *, program: str | None = None, compilation_cache: bool = True) -> 
   program = program or os.path.basename(sys.argv[0]).removesuffix(".py")
   if compilation_cache:
     parallel.enable_compilation_cache()
+  collect_garbage_less_often()
   app.run(guarded(main, program), flags_parser=parse_flags)

@@ -27,6 +27,11 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 import pytest  # noqa: E402
 
+from mer_jax import cli  # noqa: E402
+
+# As the command lines do: tracing allocates millions of short-lived objects.
+cli.collect_garbage_less_often()
+
 
 def subprocess_env(num_devices: int = 1, **extra) -> dict:
   """Environment of a `python -m mer_jax.<cli>` subprocess: CPU, `num_devices` devices,

@@ -6,6 +6,7 @@ block, absl's app.run), on an input that fails before anything compiles; one tes
 `mer_jax.train` in a subprocess on a data file with a NaN, to see the whole console."""
 
 import contextlib
+import gc
 import logging
 import os
 import runpy
@@ -126,6 +127,22 @@ def test_verbosity_1_adds_the_traceback(tmp_path, monkeypatch, capsys):
   assert code == 2
   assert lines[0].startswith("Traceback") and lines[-1].startswith("error: ")
   assert "FileNotFoundError" in "\n".join(lines)
+
+
+def test_a_cli_collects_garbage_less_often(tmp_path, monkeypatch, capsys):
+  """`cli.run` raises gen 0's threshold and freezes what is alive (the imports)."""
+  threshold = gc.get_threshold()
+  gc.unfreeze()
+  gc.set_threshold(700, 10, 10)  # Python's defaults
+  try:
+    code, _ = run_in_process("mer_jax.evaluate", "--workdir", str(tmp_path / "none"),
+                             monkeypatch=monkeypatch, capsys=capsys)
+    assert code == cli.USER_ERROR_EXIT_CODE
+    assert gc.get_threshold() == (100_000, 50, 100)
+    assert gc.get_freeze_count() > 10_000  # jax, flax and mer_jax's objects
+  finally:
+    gc.set_threshold(*threshold)
+    gc.freeze()
 
 
 def test_an_error_raised_outside_mer_jax_says_where_the_traceback_is(monkeypatch, capsys):
