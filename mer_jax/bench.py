@@ -60,6 +60,10 @@ from mer_jax.trainer import (
 
 
 def _timed(fn, repeats: int) -> list[float]:
+  """Seconds of `repeats` calls of `fn`, each waited for (`jax.block_until_ready` on its
+  result), after one untimed call that is waited for too: JAX dispatches asynchronously,
+  so an unwaited warm-up would still run inside the first timed call."""
+  jax.block_until_ready(fn())
   times = []
   for _ in range(repeats):
     started = time.perf_counter()
@@ -72,7 +76,6 @@ def matmul_flops_per_second(size: int = 1024, repeats: int = 5) -> float:
   """Measured fp32 matmul rate of the default device (the roofline reference)."""
   a = jnp.ones((size, size), jnp.float32)
   matmul = jax.jit(lambda x: x @ x)
-  jax.block_until_ready(matmul(a))
   return 2 * size**3 / float(np.median(_timed(lambda: matmul(a), repeats)))
 
 
@@ -205,7 +208,6 @@ def run_benchmark(config, *, steps: int = 10, repeats: int = 3, loop_epochs: int
       state, metrics = step(state, batcher.batch(rows[i % len(rows)]))
     return metrics
 
-  run_steps()  # warm-up
   step_times = [t / steps for t in _timed(run_steps, repeats)]
   median = float(np.median(step_times))
 
@@ -214,7 +216,6 @@ def run_benchmark(config, *, steps: int = 10, repeats: int = 3, loop_epochs: int
     for i in range(steps):
       jax.block_until_ready(batcher.batch(rows[i % len(rows)]))
 
-  gather_batches()
   input_seconds = float(np.median(_timed(gather_batches, repeats))) / steps
 
   # K seeds in one vmapped step (`config.num_seeds`) against one seed's step.
@@ -235,7 +236,6 @@ def run_benchmark(config, *, steps: int = 10, repeats: int = 3, loop_epochs: int
         stacked, metrics = seeds_step(stacked, batcher.batch(seed_rows[i % len(rows)]))
       return metrics
 
-    run_seed_steps()
     seeds_seconds = float(np.median(_timed(run_seed_steps, repeats))) / steps
     del stacked
 
@@ -245,7 +245,6 @@ def run_benchmark(config, *, steps: int = 10, repeats: int = 3, loop_epochs: int
   full = missing.fixed_modality_mask(len(split["label"]), 6)
   predict = lambda: predictor.predict_split(state.params, state.method_state, split,
                                             modality_mask=full)["output"]
-  predict()
   eval_seconds = float(np.median(_timed(predict, repeats)))
 
   # The 7 fixed combinations: one call per scenario (the loop the PyTorch repositories
@@ -257,7 +256,6 @@ def run_benchmark(config, *, steps: int = 10, repeats: int = 3, loop_epochs: int
     protocol.scenarios_per_call = per_call
     scenarios = lambda: evaluate.run_scenarios(predictor, state.params, state.method_state,
                                                split, spec, protocol, key=key)
-    scenarios()
     scenario_seconds[per_call] = float(np.median(_timed(scenarios, repeats)))
 
   matmul_rate = matmul_flops_per_second()

@@ -13,7 +13,7 @@ import pytest
 from helpers import load_config
 
 from mer_jax import trainer
-from mer_jax.bench import matmul_flops, run_benchmark
+from mer_jax.bench import _timed, matmul_flops, run_benchmark
 from mer_jax.data import pipeline
 from mer_jax.methods import build_stages
 
@@ -35,6 +35,30 @@ def slowed(monkeypatch, name, seconds):
     return original(*args, **kwargs)
 
   monkeypatch.setattr(trainer, name, slow)
+
+
+class Dispatched:
+  """A result that is only done once waited for, as an asynchronously dispatched array."""
+
+  def __init__(self, events, index):
+    self.events, self.index = events, index
+
+  def block_until_ready(self):
+    self.events.append(f"wait {self.index}")
+    return self
+
+
+def test_timed_waits_for_its_warm_up_before_the_first_timed_call():
+  events = []
+
+  def dispatch():
+    index = sum(event.startswith("call") for event in events)
+    events.append(f"call {index}")
+    return {"metrics": Dispatched(events, index)}
+
+  assert len(_timed(dispatch, 2)) == 2
+  # The warm-up (call 0) is waited for before the first timed call starts.
+  assert events == ["call 0", "wait 0", "call 1", "wait 1", "call 2", "wait 2"]
 
 
 def test_benchmark_measures_the_loop_and_its_sizes(monkeypatch):
