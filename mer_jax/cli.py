@@ -125,19 +125,24 @@ def guarded(main, program: str):
   return wrapped
 
 
-def collect_garbage_less_often() -> None:
-  """Raise the collector's generation-0 threshold and leave the objects alive now (the
-  imported modules) out of every later collection.
+# Generation 0's collection threshold of every mer_jax process (Python's default: 700).
+GC_GENERATION0_THRESHOLD = 100_000
 
-  Tracing a model allocates millions of short-lived Python objects; at the default
-  threshold (700) the collector walks the live ones over and over: 3% of a DQF `:tiny`
-  trace and compile under perf, and with the compiled programs cached a `:tiny` training
-  took 12.6-13.2 s instead of 13.7-17.2 s, the tests of test_dqf, test_perceiver and
-  test_ease 60-62 s instead of 66-72 s. Reference cycles are still collected.
+
+def collect_garbage_less_often() -> None:
+  """Raise the collector's generation-0 threshold and freeze what is alive now (the
+  imported modules) out of later collections, once per process.
+
+  Tracing a model allocates millions of short-lived Python objects, and at the default
+  threshold the collector walks the live ones over and over (docs/decisions.md,
+  Performance and scale). Reference cycles are still collected. Once: freezing again
+  would also freeze a later run's objects, which then could never be collected.
   """
+  if gc.get_threshold()[0] >= GC_GENERATION0_THRESHOLD:
+    return
   gc.collect()
   gc.freeze()
-  gc.set_threshold(100_000, 50, 100)
+  gc.set_threshold(GC_GENERATION0_THRESHOLD, 50, 100)
 
 
 def parse_flags(argv):
