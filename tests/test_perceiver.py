@@ -23,6 +23,7 @@ from mer_jax.nn.attention import (
     TransformerEncoder,
     absorbed_projections_are_cheaper,
     attention_mask,
+    exact_gelu,
 )
 from mer_jax.nn.fusion import PerceiverFusion
 from mer_jax.nn.perceiver import Perceiver
@@ -429,7 +430,29 @@ def test_absorbed_and_projected_attention_agree_with_numpy_and_in_gradients(qkv_
   np.testing.assert_allclose(apply(True, params, True), apply(False, params, True),
                              rtol=1e-5, atol=1e-5)
   loss = lambda absorb: jax.grad(lambda p: jnp.sum(apply(absorb, p, True) ** 2))(params)
-  chex.assert_trees_all_close(loss(True), loss(False), rtol=1e-4, atol=1e-5)
+  absorbed_grads, projected_grads = loss(True), loss(False)
+  chex.assert_trees_all_close(absorbed_grads, projected_grads, rtol=1e-4, atol=1e-5)
+  if qkv_bias:  # q . bk shifts all logits of a query alike: no gradient reaches bk
+    np.testing.assert_array_equal(absorbed_grads["key"]["bias"], 0.0)
+    np.testing.assert_allclose(projected_grads["key"]["bias"], 0.0, atol=1e-5)
+    assert np.abs(absorbed_grads["value"]["bias"]).min() > 1e-3
+
+
+def test_exact_gelu_is_the_erf_form_in_values_and_gradients():
+  x = np.concatenate([np.linspace(-9, 9, 721), [-30.0, 30.0, 0.0]]).astype(np.float32)
+  want = 0.5 * x.astype(np.float64) * (1 + scipy.special.erf(x / np.sqrt(2.0)))
+  # In the negative tail 1 + erf cancels: the error is |x| float32 epsilons at most, as
+  # in PyTorch's F.gelu (the same form); elsewhere float32 rounding.
+  error = np.abs(np.asarray(exact_gelu(x), np.float64) - want)
+  assert np.all(error <= 1e-6 * np.abs(want) + np.abs(x) * np.finfo(np.float32).eps), \
+      error.max()
+  np.testing.assert_allclose(exact_gelu(x), jax.nn.gelu(x, approximate=False), rtol=1e-5,
+                             atol=1.1e-6)
+  # d/dx x Phi(x) = Phi(x) + x phi(x)
+  cdf = 0.5 * (1 + scipy.special.erf(x / np.sqrt(2.0)))
+  want_grad = cdf + x * np.exp(-0.5 * x.astype(np.float64) ** 2) / np.sqrt(2 * np.pi)
+  np.testing.assert_allclose(jax.vmap(jax.grad(exact_gelu))(x), want_grad, rtol=1e-5,
+                             atol=1e-6)
 
 
 def test_key_norm_folded_into_the_absorbed_kernels_matches_numpy_and_in_gradients():

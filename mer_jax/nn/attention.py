@@ -25,11 +25,20 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mer_jax.nn.stack import layer_stack
 
 ACTIVATIONS = ("gelu", "geglu", "relu")
 NORMS = ("pre", "post")
+
+
+def exact_gelu(x):
+  """GELU with the exact normal CDF in PyTorch's form (`F.gelu`, BERT's "gelu"):
+  x (1 + erf(x / sqrt 2)) / 2. `jax.nn.gelu(approximate=False)` computes the same CDF
+  as erfc(-x / sqrt 2) / 2, which XLA's CPU backend expands into a branchy exp-based
+  series: 1.5x slower in a GEGLU's forward and backward (docs/performance.md)."""
+  return 0.5 * x * (1 + jax.lax.erf(x * np.sqrt(0.5).astype(x.dtype)))
 
 
 def attention_mask(query_mask, key_mask):
@@ -92,8 +101,9 @@ class MultiHeadAttention(nn.Module):
   Two orders of the same products. Projected: K = keys Wk + bk and V = values Wv + bv
   for every key, then softmax(q K^T / sqrt(d)) V (one `jax.nn.dot_product_attention`
   without attention dropout). Absorbed: the key kernel is applied to the queries instead,
-  logits = (q Wk^T) keys^T + q bk, and the value kernel to the attended values,
-  (weights values) Wv + (sum of the weights) bv. Equal in exact arithmetic; the
+  logits = (q Wk^T) keys^T (+ q bk, one constant per query, which the softmax drops), and
+  the value kernel to the attended values, (weights values) Wv + (sum of the weights) bv,
+  the sum being 1 without attention dropout. Equal in exact arithmetic; the
   absorbed order never forms the (B, Tk, H, d) keys and values, and costs Tq/d of the
   key/value projections: a Perceiver cross-attention (5 latents, d = 16, 50 frames) costs
   2.5x fewer FLOPs and moves no (B, Tk, H, d) tensor through memory.
@@ -174,11 +184,11 @@ class MultiHeadAttention(nn.Module):
                                               self.is_initializing()), value_norm)
     q = q / jnp.sqrt(q.shape[-1]).astype(q.dtype)
     # Logits and weights as (B, Tq, H, Tk): the order in which both matmuls against the
-    # keys produce and read them, so no transpose sits between them.
+    # keys produce and read them, so no transpose sits between them. The key bias (and
+    # the folded norm's) adds q . bk to every logit of a query, the same for all its
+    # keys: the softmax does not see it, so it is left out.
     logits = jnp.einsum("bqhe,bke->bqhk", jnp.einsum("bqhd,ehd->bqhe", q,
                                                       key_params["kernel"]), keys)
-    if "bias" in key_params:
-      logits = logits + jnp.einsum("bqhd,hd->bqh", q, key_params["bias"])[..., None]
     if mask is not None:
       mask = jnp.swapaxes(mask, -3, -2)
     weights = self._weights(logits, mask, attention_dropout, heads_first=False)
@@ -186,7 +196,9 @@ class MultiHeadAttention(nn.Module):
     h = jnp.einsum("bqhe,ehd->bqhd", attended, value_params["kernel"])
     if "bias" not in value_params:
       return h
-    # Each query's weights sum to 1, or to what dropout left of 1.
+    if not attention_dropout:  # each query's weights sum to 1
+      return h + value_params["bias"]
+    # Dropout leaves each query's weights summing to what it kept of 1.
     return h + jnp.einsum("bqhk,hd->bqhd", weights, value_params["bias"])
 
 
@@ -216,7 +228,7 @@ class FeedForward(nn.Module):
     out_dim = x.shape[-1]
     if self.activation == "geglu":
       value, gate = jnp.split(nn.Dense(2 * self.hidden_dim, name="in")(x), 2, axis=-1)
-      h = value * nn.gelu(gate, approximate=False)
+      h = value * exact_gelu(gate)
     elif self.activation == "gelu":
       h = nn.gelu(nn.Dense(self.hidden_dim, name="in")(x))
     elif self.activation == "relu":

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mer_jax.nn.attention import exact_gelu
 from mer_jax.nn.stack import layer_stack
 
 CONFIG_FILE = "config.json"
@@ -75,7 +76,7 @@ class BertConfig:
 
 
 _ACTIVATIONS = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu": exact_gelu,
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "relu": jax.nn.relu,
 }
