@@ -10,7 +10,9 @@ project's virtual environment, then run it next to `mer_jax.bench` on the same m
     /tmp/torchenv/bin/python benchmarks/official_cmad_torch.py --official /tmp/cmad
 
 (transformers 4.36: the official `student_model.py` builds on `BertPreTrainedModel` as
-it was then; later releases dropped the helpers it imports and changed `init_weights`.)
+it was then; later releases dropped the helpers it imports and changed `init_weights`.
+PyPI's torch wheel brings CUDA libraries it does not use on CPU; the figures of
+docs/performance.md were taken with it, torch 2.14.1, 2 threads, MKL.)
 
 What runs: the official `StudentModel` and `TeacherModel` at the README's MOSEI command
 (d_l 96, 16 heads, depth 5, 5 latents, te_layers 2, batch 128; 7,437,569 student
