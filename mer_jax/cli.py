@@ -13,6 +13,8 @@ Each program ends with `cli.run(main)` instead of `absl.app.run(main)`:
 - A pre-empted run prints `mer_jax.<program>: ...` and exits with 75 (resume later); a
   non-finite loss prints `error: ...` and exits with 1.
 - Python's garbage collector runs less often (`collect_garbage_less_often`).
+- malloc keeps the memory XLA's CPU runtime frees for the next step
+  (`host_memory.keep_freed_memory`).
 """
 
 from __future__ import annotations
@@ -158,8 +160,9 @@ def parse_flags(argv):
 
 def run(main, *, program: str | None = None, compilation_cache: bool = True) -> None:
   """`absl.app.run(main)` with the conventions of the module docstring."""
-  from mer_jax import parallel
+  from mer_jax import host_memory, parallel
 
+  host_memory.keep_freed_memory()  # first: before JAX starts its CPU backend
   program = program or os.path.basename(sys.argv[0]).removesuffix(".py")
   if compilation_cache:
     parallel.enable_compilation_cache()

@@ -12,8 +12,11 @@ on the 2-core build VM, a third of the step's CPU time (docs/performance.md).
 the next: no faults, the step 1.4-1.7x faster on CPU. The process keeps its peak heap
 instead of returning it to the system between steps, which a training process reuses
 anyway. It must run before JAX starts its CPU backend (its worker threads take their
-arenas then), so `import mer_jax` calls it first thing. `MER_JAX_KEEP_FREED_MEMORY=0`
-leaves malloc as it is; other C libraries (musl, macOS) are left alone.
+arenas then; called later, it changes nothing that matters). Every command line
+(`cli.run`) and the test session call it first; the library's functions do not, so a
+user's script keeps its own malloc unless it calls `keep_freed_memory()` before its first
+JAX computation. `MER_JAX_KEEP_FREED_MEMORY=0` leaves malloc as it is; other C libraries
+(musl, macOS) are left alone.
 """
 
 from __future__ import annotations

@@ -27,10 +27,12 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 import pytest  # noqa: E402
 
-from mer_jax import cli  # noqa: E402
+from mer_jax import cli, host_memory  # noqa: E402
 
-# As the command lines do: tracing allocates millions of short-lived objects.
+# As the command lines do: tracing allocates millions of short-lived objects, and each
+# execution's temporary buffers are reused, not faulted in again (before any computation).
 cli.collect_garbage_less_often()
+host_memory.keep_freed_memory()
 
 
 def subprocess_env(num_devices: int = 1, **extra) -> dict:

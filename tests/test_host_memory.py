@@ -15,9 +15,9 @@ PAGES = 16 * 2**20 * 4 // 4096  # the probe's 64 MiB temporary buffer in 4 KiB p
 
 PROBE = r"""
 import resource
-import mer_jax  # first: the malloc settings precede JAX's CPU backend
-import jax, jax.numpy as jnp
 from mer_jax import host_memory
+host_memory.keep_freed_memory()  # first, as cli.run: before JAX's CPU backend starts
+import jax, jax.numpy as jnp
 
 @jax.jit
 def materialised(x):
