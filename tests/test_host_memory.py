@@ -25,13 +25,15 @@ def materialised(x):
   return jnp.sum(y * 2.0)
 
 x = jnp.ones((16 * 2**20,), jnp.float32)
-for _ in range(10):  # the heap reaches its steady size
+for _ in range(5):
   materialised(x).block_until_ready()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):
+faults = []
+for _ in range(15):
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   materialised(x).block_until_ready()
-print(host_memory.keep_freed_memory(),
-      (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+# The median call: the heap may still grow once or twice while it settles.
+print(host_memory.keep_freed_memory(), sorted(faults)[len(faults) // 2])
 """
 
 
@@ -48,7 +50,7 @@ def _probe(**env):
 def test_freed_memory_is_reused_and_the_switch_turns_it_off():
   applied, faults = _probe()
   assert applied
-  assert faults < 0.02 * PAGES, faults  # the buffer freed after a call serves the next
+  assert faults < 0.02 * PAGES, faults  # the buffer freed by a call serves the next
   applied, faults = _probe(**{host_memory.ENV_SWITCH: "0"})
   assert not applied
   assert faults > 0.5 * PAGES, faults  # glibc's default: mmap'ed and faulted in per call
