@@ -21,9 +21,11 @@ from mer_jax.nn.attention import (
     MultiHeadAttention,
     Standardize,
     TransformerEncoder,
+    absorbed_attention,
     absorbed_projections_are_cheaper,
     attention_mask,
     exact_gelu,
+    masked_softmax,
 )
 from mer_jax.nn.fusion import PerceiverFusion
 from mer_jax.nn.perceiver import Perceiver
@@ -436,6 +438,44 @@ def test_absorbed_and_projected_attention_agree_with_numpy_and_in_gradients(qkv_
     np.testing.assert_array_equal(absorbed_grads["key"]["bias"], 0.0)
     np.testing.assert_allclose(projected_grads["key"]["bias"], 0.0, atol=1e-5)
     assert np.abs(absorbed_grads["value"]["bias"]).min() > 1e-3
+
+
+@pytest.mark.parametrize("case", ["masked", "no mask", "keys are values"])
+def test_absorbed_attention_backward_equals_autodiff_of_its_formula(case):
+  """The written-out backward of `absorbed_attention` against JAX's own transposition of
+  the same formula: a query row with no real key (uniform weights, no gradient through
+  the masked logits), a mask per head, no mask, and keys that are the values (the
+  Perceiver's frames, whose two gradients add)."""
+  rng = np.random.default_rng(5)
+  queries = rng.normal(size=(2, 3, 2, 5)).astype(np.float32)  # (B, Tq, H, E)
+  keys = rng.normal(size=(2, 7, 5)).astype(np.float32)
+  values = keys if case == "keys are values" else rng.normal(size=(2, 7, 4)).astype(
+      np.float32)
+  mask = rng.random((2, 3, 2, 7)) < 0.6
+  mask[1, 0] = False  # query 0 of sample 1: no real key in either head
+  mask[0, :, :, 0] = True
+  mask = None if case == "no mask" else mask
+
+  def formula(queries, keys, values):
+    weights = masked_softmax(jnp.einsum("bqhe,bke->bqhk", queries, keys), mask)
+    return jnp.einsum("bqhk,bke->bqhe", weights, values)
+
+  cotangent = rng.normal(size=(2, 3, 2, values.shape[-1])).astype(np.float32)
+  if case == "keys are values":
+    got, vjp = jax.vjp(lambda q, f: absorbed_attention(q, f, f, mask), queries, keys)
+    want, want_vjp = jax.vjp(lambda q, f: formula(q, f, f), queries, keys)
+  else:
+    got, vjp = jax.vjp(lambda *a: absorbed_attention(*a, mask), queries, keys, values)
+    want, want_vjp = jax.vjp(formula, queries, keys, values)
+  chex.assert_shape(got, (2, 3, 2, values.shape[-1]))
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  for grad, want_grad in zip(vjp(cotangent), want_vjp(cotangent), strict=True):
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-5)
+    assert np.abs(grad).max() > 1e-2
+  if mask is not None:  # the all-masked row: uniform weights, its queries get no gradient
+    np.testing.assert_allclose(got[1, 0], np.broadcast_to(values[1].mean(0), (2, values.shape[-1])),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(vjp(cotangent)[0][1, 0], 0.0)
 
 
 def test_exact_gelu_is_the_erf_form_in_values_and_gradients():

@@ -106,7 +106,8 @@ class MultiHeadAttention(nn.Module):
   the sum being 1 without attention dropout. Equal in exact arithmetic; the
   absorbed order never forms the (B, Tk, H, d) keys and values, and costs Tq/d of the
   key/value projections: a Perceiver cross-attention (5 latents, d = 16, 50 frames) costs
-  2.5x fewer FLOPs and moves no (B, Tk, H, d) tensor through memory.
+  2.5x fewer FLOPs and moves no (B, Tk, H, d) tensor through memory. Without attention
+  dropout its core is `absorbed_attention`, whose backward runs as plain matmuls.
 
   Attributes:
     num_heads: H.
@@ -166,9 +167,7 @@ class MultiHeadAttention(nn.Module):
     """Softmax over the keys, then attention dropout. `heads_first=False`: logits laid out
     (B, Tq, H, Tk); the dropout mask is still drawn over (B, H, Tq, Tk), so that both
     orders drop the same weights."""
-    if mask is not None:
-      logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
-    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(logits.dtype)
+    weights = masked_softmax(logits, mask)
     dropout = nn.Dropout(self.dropout)
     if heads_first or not attention_dropout:
       return dropout(weights, deterministic=not attention_dropout)
@@ -187,12 +186,15 @@ class MultiHeadAttention(nn.Module):
     # keys produce and read them, so no transpose sits between them. The key bias (and
     # the folded norm's) adds q . bk to every logit of a query, the same for all its
     # keys: the softmax does not see it, so it is left out.
-    logits = jnp.einsum("bqhe,bke->bqhk", jnp.einsum("bqhd,ehd->bqhe", q,
-                                                      key_params["kernel"]), keys)
+    absorbed_queries = jnp.einsum("bqhd,ehd->bqhe", q, key_params["kernel"])
     if mask is not None:
       mask = jnp.swapaxes(mask, -3, -2)
-    weights = self._weights(logits, mask, attention_dropout, heads_first=False)
-    attended = jnp.einsum("bqhk,bke->bqhe", weights, values)
+    if attention_dropout:
+      logits = jnp.einsum("bqhe,bke->bqhk", absorbed_queries, keys)
+      weights = self._weights(logits, mask, True, heads_first=False)
+      attended = jnp.einsum("bqhk,bke->bqhe", weights, values)
+    else:
+      attended = absorbed_attention(absorbed_queries, keys, values, mask)
     h = jnp.einsum("bqhe,ehd->bqhd", attended, value_params["kernel"])
     if "bias" not in value_params:
       return h
@@ -200,6 +202,59 @@ class MultiHeadAttention(nn.Module):
       return h + value_params["bias"]
     # Dropout leaves each query's weights summing to what it kept of 1.
     return h + jnp.einsum("bqhk,hd->bqhd", weights, value_params["bias"])
+
+
+def masked_softmax(logits, mask=None):
+  """Softmax over the last axis (in float32 at least) of `logits` where `mask` is True; a
+  row without a True entry gets uniform weights (masked logits are the dtype's minimum,
+  not -inf)."""
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+  return jax.nn.softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)),
+                        axis=-1).astype(logits.dtype)
+
+
+@jax.custom_vjp
+def absorbed_attention(queries, keys, values, mask=None):
+  """softmax(queries keys^T) values per head, laid out as the absorbed order uses it:
+  queries (B, Tq, H, E) against keys (B, Tk, E) and values (B, Tk, Ev) shared by all
+  heads, mask (B, Tq, 1 or H, Tk) bool or None -> (B, Tq, H, Ev).
+
+  The same numbers as autodiff through `masked_softmax` and two einsums; the backward is
+  written out because autodiff's form of the keys' and values' gradients (weights^T
+  times the output gradient, contracting the Tq x H rows) is a product whose left operand
+  is transposed, which XLA's CPU backend runs as its generic dot at a fifth of the rate
+  of the forward products (docs/performance.md). Here the weights and the logits'
+  gradient are transposed to (B, Tk, Tq, H) first, so every product of the backward is
+  a plain (m x k)(k x n) batched matmul.
+  """
+  return _absorbed_attention_forward(queries, keys, values, mask)[0]
+
+
+def _absorbed_attention_forward(queries, keys, values, mask):
+  weights = masked_softmax(jnp.einsum("bqhe,bke->bqhk", queries, keys), mask)
+  attended = jnp.einsum("bqhk,bke->bqhe", weights, values)
+  return attended, (queries, keys, values, weights, mask)
+
+
+def _absorbed_attention_backward(residuals, d_attended):
+  queries, keys, values, weights, mask = residuals
+  d_weights = jnp.einsum("bqhe,bke->bqhk", d_attended, values)
+  # The softmax's backward, in the precision `masked_softmax` computed it in.
+  compute = jnp.promote_types(weights.dtype, jnp.float32)
+  weights_c, d_weights = weights.astype(compute), d_weights.astype(compute)
+  d_logits = weights_c * (d_weights - jnp.sum(weights_c * d_weights, axis=-1, keepdims=True))
+  if mask is not None:  # masked logits are a constant: nothing flows back through them
+    d_logits = jnp.where(mask, d_logits, 0)
+  d_logits = d_logits.astype(queries.dtype)
+  d_queries = jnp.einsum("bqhk,bke->bqhe", d_logits, keys)
+  keys_first = lambda x: jnp.transpose(x, (0, 3, 1, 2))  # (B, Tq, H, Tk) -> (B, Tk, Tq, H)
+  d_keys = jnp.einsum("bkqh,bqhe->bke", keys_first(d_logits), queries)
+  d_values = jnp.einsum("bkqh,bqhe->bke", keys_first(weights), d_attended)
+  return d_queries, d_keys, d_values, None
+
+
+absorbed_attention.defvjp(_absorbed_attention_forward, _absorbed_attention_backward)
 
 
 def _layer_params(layer: nn.Module, example, initializing: bool):
