@@ -205,13 +205,16 @@ class MultiHeadAttention(nn.Module):
 
 
 def masked_softmax(logits, mask=None):
-  """Softmax over the last axis (in float32 at least) of `logits` where `mask` is True; a
-  row without a True entry gets uniform weights (masked logits are the dtype's minimum,
-  not -inf)."""
+  """Softmax over the last axis of `logits` where `mask` is True, computed in float32 at
+  least and returned in the logits' dtype; a row without a True entry gets uniform
+  weights (masked logits are the dtype's minimum, not -inf)."""
+  return _wide_masked_softmax(logits, mask).astype(logits.dtype)
+
+
+def _wide_masked_softmax(logits, mask):
   if mask is not None:
     logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
-  return jax.nn.softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)),
-                        axis=-1).astype(logits.dtype)
+  return jax.nn.softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), axis=-1)
 
 
 @jax.custom_vjp
@@ -232,18 +235,19 @@ def absorbed_attention(queries, keys, values, mask=None):
 
 
 def _absorbed_attention_forward(queries, keys, values, mask):
-  weights = masked_softmax(jnp.einsum("bqhe,bke->bqhk", queries, keys), mask)
-  attended = jnp.einsum("bqhk,bke->bqhe", weights, values)
-  return attended, (queries, keys, values, weights, mask)
+  # The softmax's output in its own precision is kept for its backward, as autodiff
+  # keeps it (float32 when the products run in bfloat16).
+  wide_weights = _wide_masked_softmax(jnp.einsum("bqhe,bke->bqhk", queries, keys), mask)
+  attended = jnp.einsum("bqhk,bke->bqhe", wide_weights.astype(queries.dtype), values)
+  return attended, (queries, keys, values, wide_weights, mask)
 
 
 def _absorbed_attention_backward(residuals, d_attended):
-  queries, keys, values, weights, mask = residuals
-  d_weights = jnp.einsum("bqhe,bke->bqhk", d_attended, values)
-  # The softmax's backward, in the precision `masked_softmax` computed it in.
-  compute = jnp.promote_types(weights.dtype, jnp.float32)
-  weights_c, d_weights = weights.astype(compute), d_weights.astype(compute)
-  d_logits = weights_c * (d_weights - jnp.sum(weights_c * d_weights, axis=-1, keepdims=True))
+  queries, keys, values, wide_weights, mask = residuals
+  weights = wide_weights.astype(queries.dtype)
+  d_weights = jnp.einsum("bqhe,bke->bqhk", d_attended, values).astype(wide_weights.dtype)
+  d_logits = wide_weights * (d_weights - jnp.sum(wide_weights * d_weights, axis=-1,
+                                                 keepdims=True))
   if mask is not None:  # masked logits are a constant: nothing flows back through them
     d_logits = jnp.where(mask, d_logits, 0)
   d_logits = d_logits.astype(queries.dtype)
