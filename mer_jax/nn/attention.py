@@ -158,19 +158,20 @@ class MultiHeadAttention(nn.Module):
     if attention_dropout:
       k, v = key_layer(keys), value_layer(values)
       logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(q.dtype)
-      h = jnp.einsum("bhqk,bkhd->bqhd", self._weights(logits, mask, True), v)
+      h = jnp.einsum("bhqk,bkhd->bqhd", self._dropped_weights(logits, mask), v)
     else:
       h = jax.nn.dot_product_attention(q, key_layer(keys), value_layer(values), mask=mask)
     return nn.DenseGeneral(width, axis=(-2, -1), name="out")(h)
 
-  def _weights(self, logits, mask, attention_dropout: bool, heads_first: bool = True):
-    """Softmax over the keys, then attention dropout. `heads_first=False`: logits laid out
-    (B, Tq, H, Tk); the dropout mask is still drawn over (B, H, Tq, Tk), so that both
-    orders drop the same weights."""
+  def _dropped_weights(self, logits, mask, heads_first: bool = True):
+    """Softmax over the keys, then attention dropout (the paths without it use
+    `jax.nn.dot_product_attention` or `absorbed_attention`). `heads_first=False`: logits
+    laid out (B, Tq, H, Tk); the dropout mask is still drawn over (B, H, Tq, Tk), so that
+    both orders drop the same weights."""
     weights = masked_softmax(logits, mask)
     dropout = nn.Dropout(self.dropout)
-    if heads_first or not attention_dropout:
-      return dropout(weights, deterministic=not attention_dropout)
+    if heads_first:
+      return dropout(weights, deterministic=False)
     heads_first_shape = jnp.swapaxes(weights, -3, -2).shape
     keep = dropout(jnp.ones(heads_first_shape, weights.dtype), deterministic=False)
     return weights * jnp.swapaxes(keep, -3, -2)
@@ -191,7 +192,7 @@ class MultiHeadAttention(nn.Module):
       mask = jnp.swapaxes(mask, -3, -2)
     if attention_dropout:
       logits = jnp.einsum("bqhe,bke->bqhk", absorbed_queries, keys)
-      weights = self._weights(logits, mask, True, heads_first=False)
+      weights = self._dropped_weights(logits, mask, heads_first=False)
       attended = jnp.einsum("bqhk,bke->bqhe", weights, values)
     else:
       attended = absorbed_attention(absorbed_queries, keys, values, mask)
