@@ -347,7 +347,7 @@ def term_gradients(rec_through_flow=False):
 def _grad_norms(grads, term):
   """{top-level module name: |d term / d params| summed} for one loss term."""
   index = TERMS.index(term)
-  return {name: float(sum(jnp.abs(g[index]).sum() for g in jax.tree.leaves(tree)))
+  return {name: float(sum(np.abs(np.asarray(g)[index]).sum() for g in jax.tree.leaves(tree)))
           for name, tree in grads.items()}
 
 
