@@ -436,14 +436,6 @@ def comparison_csv(report: Mapping) -> str:
   return out.getvalue()
 
 
-def write_atomic(path: str, text: str):
-  """Writes `text` to a temporary file next to `path`, then renames it into place."""
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
 def _plot_curve(ax, results: Mapping, points: Sequence[tuple[float, str]], metric: str,
                 label: str) -> np.ndarray:
   """One method's mean line with its 95% band; returns the means."""
@@ -613,13 +605,13 @@ def run_comparison(dataset: str, methods: Sequence[str] | None = None, *, seeds:
       path = os.path.join(workdir, f"ablations_{method}.md")
       report["ablations"][method] = path
       if jax.process_index() == 0:
-        write_atomic(path, format_ablations(method, label, variants, changed, metrics,
-                                            report["seeds"]))
+        run_log.write_atomic(path, format_ablations(method, label, variants, changed,
+                                                    metrics, report["seeds"]))
   if jax.process_index() == 0:
-    write_atomic(os.path.join(workdir, "comparison.md"), format_comparison(report))
-    write_atomic(os.path.join(workdir, "comparison.csv"), comparison_csv(report))
-    write_atomic(os.path.join(workdir, "comparison.json"),
-                 json.dumps(report, indent=2, allow_nan=True))
+    run_log.write_atomic(os.path.join(workdir, "comparison.md"), format_comparison(report))
+    run_log.write_atomic(os.path.join(workdir, "comparison.csv"), comparison_csv(report))
+    run_log.write_atomic(os.path.join(workdir, "comparison.json"),
+                         json.dumps(report, indent=2, allow_nan=True))
     plot_comparison(os.path.join(workdir, "comparison.png"), per_method, metrics,
                     metrics_lib.PRIMARY_METRIC[task],
                     title=f"{label}: mean over {seeds} seeds (bands: 95% interval)")

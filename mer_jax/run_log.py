@@ -290,6 +290,16 @@ def format_table(rows: Mapping[str, Mapping[str, float]], title: str) -> str:
   return "\n".join(lines)
 
 
+def write_atomic(path: str, text: str):
+  """Writes `text` to a temporary file next to `path`, then renames it into place: a
+  reader (another process of the run, a restarted run) sees the old file or the new one,
+  never a partial one, also when the writer is killed mid-write."""
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
 def read_json(path: str):
   try:
     with open(path) as f:

@@ -639,13 +639,6 @@ def plot_sweep(path: str, sweep: Sweep, rows: list[dict]) -> None:
   os.replace(tmp, path)
 
 
-def _write(path: str, text: str) -> None:
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
 def write_outputs(sweep: Sweep, study, final_seeds: int = 0) -> dict:
   """sweep.csv, sweep.md, sweep.png and best_config.json; returns their paths."""
   rows = _rows(sweep, study)
@@ -653,8 +646,8 @@ def write_outputs(sweep: Sweep, study, final_seeds: int = 0) -> dict:
            for name in ("sweep.csv", "sweep.md", "sweep.png", "best_config.json")}
   if jax.process_index() != 0:
     return paths
-  _write(paths["sweep.csv"], format_csv(rows))
-  _write(paths["sweep.md"], format_markdown(sweep, study, rows, final_seeds))
+  run_log.write_atomic(paths["sweep.csv"], format_csv(rows))
+  run_log.write_atomic(paths["sweep.md"], format_markdown(sweep, study, rows, final_seeds))
   plot_sweep(paths["sweep.png"], sweep, rows)
   best = best_trial(study)
   if best is not None:
@@ -662,7 +655,7 @@ def write_outputs(sweep: Sweep, study, final_seeds: int = 0) -> dict:
     if saved is None:  # a substituted trial function writes no run folder
       saved = json.loads(apply_params(sweep.config, trial_values(
           sweep.space, best.params)).to_json_best_effort())
-    _write(paths["best_config.json"], json.dumps(saved, indent=2) + "\n")
+    run_log.write_atomic(paths["best_config.json"], json.dumps(saved, indent=2) + "\n")
   return paths
 
 

@@ -83,7 +83,11 @@ def check_workdir(config, workdir: str, *, allow_config_change: bool = False):
   if allow_config_change or not os.path.exists(path):
     return
   with open(path) as f:
-    saved = run_log.flatten_config(json.load(f))
+    try:
+      saved = run_log.flatten_config(json.load(f))
+    except ValueError as error:
+      raise ValueError(f"{path} is not a JSON config ({error}); repair it, or pass "
+                       "--allow_config_change to rewrite it from this config") from None
   current = run_log.flatten_config(json.loads(config.to_json_best_effort()))
   differing = sorted(
       k for k in set(saved) | set(current)
@@ -96,9 +100,11 @@ def check_workdir(config, workdir: str, *, allow_config_change: bool = False):
 
 
 def write_config(config, workdir: str):
+  # Atomic: the run's other processes check this file while process 0 writes it, and a
+  # kill mid-write must not leave a restart an empty file.
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    run_log.write_atomic(os.path.join(workdir, "config.json"),
+                         config.to_json_best_effort(indent=2))
 
 
 def run(config, workdir: str, *, allow_config_change: bool = False,

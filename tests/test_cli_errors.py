@@ -186,3 +186,14 @@ def test_train_on_a_bad_data_file_prints_only_the_error(tmp_path):
   assert len(lines) == 1, result.stderr[-3000:]
   assert_one_error_line(lines, "train.npz", "'text'", "non-finite", "(3, 1, 2)")
   assert result.stdout == ""
+
+
+def test_train_on_an_unreadable_config_json_names_the_file(tmp_path, monkeypatch, capsys):
+  """A run folder whose config.json is not JSON (hand-edited, or left empty by a kill
+  mid-write before writes became atomic) is refused with the file and the way out."""
+  (tmp_path / "config.json").write_text("")
+  code, lines = run_in_process("mer_jax.train", "--config", TINY, "--workdir", str(tmp_path),
+                               monkeypatch=monkeypatch, capsys=capsys)
+  assert code == cli.USER_ERROR_EXIT_CODE
+  assert_one_error_line(lines, f"{tmp_path}/config.json is not a JSON config",
+                        "--allow_config_change")

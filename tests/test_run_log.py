@@ -224,3 +224,26 @@ def test_data_loading_is_one_console_line(monkeypatch, capsys):
   monkeypatch.setattr(cli, "verbosity", lambda: 1)
   train.load_data(data)
   assert "Downloading and preparing" in capsys.readouterr().out
+
+
+def test_config_json_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+  """A write cut short (here: before the rename that completes it) leaves the previous
+  config.json whole, which the run's other processes and a restarted run read."""
+  from helpers import load_config
+
+  from mer_jax import train
+
+  config = load_config()
+  train.write_config(config, str(tmp_path))
+  with open(tmp_path / "config.json") as f:
+    assert json.load(f)["train"]["num_epochs"] == config.train.num_epochs
+
+  def interrupted(source, target):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(run_log.os, "replace", interrupted)
+  config.train.num_epochs += 7
+  with pytest.raises(KeyboardInterrupt):
+    train.write_config(config, str(tmp_path))
+  with open(tmp_path / "config.json") as f:
+    assert json.load(f)["train"]["num_epochs"] == config.train.num_epochs - 7
