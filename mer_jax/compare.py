@@ -462,10 +462,7 @@ def plot_comparison(path: str, per_method: Mapping[str, Mapping], metrics: Seque
   """Each headline metric against the modality missing rate (0 = LAV, then MR*), one line
   per method with its 95% band, and the primary metric against the frame missing rate
   (the LAV masked set when evaluated: every modality loses frames)."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = run_log.pyplot()
 
   fig, axes = plt.subplots(1, len(metrics) + 1, figsize=(4.2 * (len(metrics) + 1), 3.8),
                            squeeze=False)
@@ -501,10 +498,7 @@ def plot_comparison(path: str, per_method: Mapping[str, Mapping], metrics: Seque
   if title:
     fig.suptitle(title)
   fig.tight_layout()
-  tmp = f"{path}.tmp{os.getpid()}"
-  fig.savefig(tmp, dpi=110, format="png")
-  plt.close(fig)
-  os.replace(tmp, path)
+  run_log.save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- ablations

@@ -111,8 +111,7 @@ def run_folds(config, workdir: str, *, folds: Sequence[int] | None = None,
       "mean": {s: {m: v["mean"] for m, v in row.items()} for s, row in scenarios.items()},
   }
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "crossval.json"), "w") as f:
-      json.dump(report, f, indent=2)
+    run_log.write_atomic(os.path.join(workdir, "crossval.json"), json.dumps(report, indent=2))
   return report
 
 

@@ -11,6 +11,7 @@ writes DIR/eval/results.json, results.csv and robustness.png (SPEC section 10).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from collections.abc import Mapping
@@ -144,24 +145,24 @@ def aggregate_seeds(per_seed: Mapping[int, Mapping[str, Mapping[str, float]]]) -
 def write_results(eval_dir: str, results: Mapping[str, Mapping[str, float]]):
   """results.json ({scenario: {metric: value}} + summary) and results.csv (a row each)."""
   os.makedirs(eval_dir, exist_ok=True)
-  with open(os.path.join(eval_dir, "results.json"), "w") as f:
-    json.dump(results, f, indent=2, sort_keys=False)
+  # Whole or not at all (a killed evaluation leaves the last complete results): a run
+  # that finds results.json skips evaluating again, and the comparison runner reads it.
+  run_log.write_atomic(os.path.join(eval_dir, "results.json"),
+                       json.dumps(results, indent=2, sort_keys=False))
   rows = {name: row for name, row in results.items() if name != "seeds"}
   columns = sorted({m for r in rows.values() for m in r})
-  with open(os.path.join(eval_dir, "results.csv"), "w", newline="") as f:
-    writer = csv.writer(f)
-    writer.writerow(["scenario"] + columns)
-    for name, row in rows.items():
-      writer.writerow([name] + [row.get(c, "") for c in columns])
+  table = io.StringIO(newline="")
+  writer = csv.writer(table)
+  writer.writerow(["scenario"] + columns)
+  for name, row in rows.items():
+    writer.writerow([name] + [row.get(c, "") for c in columns])
+  run_log.write_atomic(os.path.join(eval_dir, "results.csv"), table.getvalue())
 
 
 def plot_robustness(path: str, results: Mapping[str, Mapping[str, float]], task: str,
                     title: str = ""):
   """Metric vs missing rate (modality-level and frame-level) and bars per combination."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = run_log.pyplot()
 
   metric = metrics_lib.PRIMARY_METRIC[task]
   fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
@@ -206,17 +207,13 @@ def plot_robustness(path: str, results: Mapping[str, Mapping[str, float]], task:
   if title:
     fig.suptitle(title)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  run_log.save_figure(fig, path)
 
 
 def plot_tsne(path: str, embeddings: Mapping[str, np.ndarray], labels: np.ndarray, task: str,
               seed: int = 0):
   """t-SNE of the fused representations, one panel per fixed combination."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = run_log.pyplot()
   from sklearn.manifold import TSNE
 
   names = [n for n in missing.COMBINATION_NAMES if n in embeddings]
@@ -238,8 +235,7 @@ def plot_tsne(path: str, embeddings: Mapping[str, np.ndarray], labels: np.ndarra
     ax.set_xticks([])
     ax.set_yticks([])
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  run_log.save_figure(fig, path)
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
@@ -385,8 +381,8 @@ def write_stage_comparison(eval_dir: str, stage_results, task: str, title: str =
   NLL per scenario and on average) into `eval_dir`. Returns the comparison."""
   comparison = stage_comparison(stage_results, task)
   os.makedirs(eval_dir, exist_ok=True)
-  with open(os.path.join(eval_dir, "comparison.json"), "w") as f:
-    json.dump(comparison, f, indent=2)
+  run_log.write_atomic(os.path.join(eval_dir, "comparison.json"),
+                       json.dumps(comparison, indent=2))
   names = comparison["stages"]
   rows = [(s, comparison["per_scenario"][s]) for s in comparison["scenarios"]]
   rows.append(("average", comparison["average"]))
@@ -403,10 +399,7 @@ def write_stage_comparison(eval_dir: str, stage_results, task: str, title: str =
 
 def plot_stage_comparison(path: str, comparison: Mapping, title: str = ""):
   """Grouped bars per scenario (+ the average) for the primary metric, Brier and NLL."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = run_log.pyplot()
 
   names, scenarios = comparison["stages"], comparison["scenarios"] + ["avg"]
   metrics = [m for m in (comparison["primary_metric"], "brier", "nll")
@@ -430,8 +423,7 @@ def plot_stage_comparison(path: str, comparison: Mapping, title: str = ""):
   if title:
     fig.suptitle(title)
   fig.tight_layout(rect=(0, 0, 1, 0.97))
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  run_log.save_figure(fig, path)
 
 
 def _define_flags():

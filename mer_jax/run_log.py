@@ -21,6 +21,7 @@ the main metric (7 combinations, MR average, frame-level AUILC) and the output p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -290,14 +291,46 @@ def format_table(rows: Mapping[str, Mapping[str, float]], title: str) -> str:
   return "\n".join(lines)
 
 
-def write_atomic(path: str, text: str):
-  """Writes `text` to a temporary file next to `path`, then renames it into place: a
+@contextlib.contextmanager
+def replaced_whole(path: str):
+  """Yields a temporary path next to `path` to write to, then renames it into place: a
   reader (another process of the run, a restarted run) sees the old file or the new one,
-  never a partial one, also when the writer is killed mid-write."""
+  never a partial one, also when the writer is killed mid-write. A write that fails
+  leaves no temporary file."""
   tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
+  try:
+    yield tmp
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise
+
+
+def write_atomic(path: str, text: str):
+  """Writes `text` to `path` whole or not at all (`replaced_whole`)."""
+  with replaced_whole(path) as tmp, open(tmp, "w") as f:
     f.write(text)
-  os.replace(tmp, path)
+
+
+def pyplot():
+  """matplotlib.pyplot on the Agg backend: figures are files, no display is assumed."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  return plt
+
+
+def save_figure(fig, path: str):
+  """Writes `fig` to `path` as a PNG, whole or not at all (`replaced_whole`), and closes
+  it."""
+  try:
+    with replaced_whole(path) as tmp:
+      fig.savefig(tmp, dpi=110, format="png")
+  finally:
+    pyplot().close(fig)
 
 
 def read_json(path: str):

@@ -588,10 +588,7 @@ def format_markdown(sweep: Sweep, study, rows: list[dict], final_seeds: int) -> 
 def plot_sweep(path: str, sweep: Sweep, rows: list[dict]) -> None:
   """The validation value against each hyper-parameter (pruned trials at their last
   reported value, in grey; the best as a star)."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = run_log.pyplot()
   from matplotlib import ticker
 
   fields = list(sweep.space)
@@ -633,10 +630,7 @@ def plot_sweep(path: str, sweep: Sweep, rows: list[dict]) -> None:
     axes[0, 0].legend(fontsize=7)
   fig.suptitle(f"{sweep.config_label}: {len(ranked)} complete trials")
   fig.tight_layout()
-  tmp = f"{path}.tmp{os.getpid()}"
-  fig.savefig(tmp, dpi=110, format="png")
-  plt.close(fig)
-  os.replace(tmp, path)
+  run_log.save_figure(fig, path)
 
 
 def write_outputs(sweep: Sweep, study, final_seeds: int = 0) -> dict:

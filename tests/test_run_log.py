@@ -247,3 +247,20 @@ def test_config_json_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
     train.write_config(config, str(tmp_path))
   with open(tmp_path / "config.json") as f:
     assert json.load(f)["train"]["num_epochs"] == config.train.num_epochs - 7
+  assert os.listdir(tmp_path) == ["config.json"]  # the cut-short write's file removed
+
+
+def test_results_are_replaced_whole_or_not_at_all(tmp_path):
+  """An evaluation that fails while writing (here: a value JSON cannot hold) leaves the
+  last complete results.json and results.csv, which a restarted run and the comparison
+  runner read, and no temporary file beside them."""
+  from mer_jax import evaluate
+
+  evaluate.write_results(str(tmp_path), {"L": {"mae": 0.5, "corr": 0.25}})
+  with pytest.raises(TypeError):
+    evaluate.write_results(str(tmp_path), {"L": {"mae": 0.75, "corr": object()}})
+  with open(tmp_path / "results.json") as f:
+    assert json.load(f) == {"L": {"mae": 0.5, "corr": 0.25}}
+  with open(tmp_path / "results.csv") as f:
+    assert f.read().splitlines() == ["scenario,corr,mae", "L,0.25,0.5"]
+  assert sorted(os.listdir(tmp_path)) == ["results.csv", "results.json"]
