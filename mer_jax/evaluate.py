@@ -10,8 +10,6 @@ writes DIR/eval/results.json, results.csv and robustness.png (SPEC section 10).
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 from collections.abc import Mapping
@@ -151,12 +149,9 @@ def write_results(eval_dir: str, results: Mapping[str, Mapping[str, float]]):
                        json.dumps(results, indent=2, sort_keys=False))
   rows = {name: row for name, row in results.items() if name != "seeds"}
   columns = sorted({m for r in rows.values() for m in r})
-  table = io.StringIO(newline="")
-  writer = csv.writer(table)
-  writer.writerow(["scenario"] + columns)
-  for name, row in rows.items():
-    writer.writerow([name] + [row.get(c, "") for c in columns])
-  run_log.write_atomic(os.path.join(eval_dir, "results.csv"), table.getvalue())
+  run_log.write_csv(os.path.join(eval_dir, "results.csv"), [
+      ["scenario"] + columns, *([name] + [row.get(c, "") for c in columns]
+                                for name, row in rows.items())])
 
 
 def plot_robustness(path: str, results: Mapping[str, Mapping[str, float]], task: str,
@@ -386,13 +381,13 @@ def write_stage_comparison(eval_dir: str, stage_results, task: str, title: str =
   names = comparison["stages"]
   rows = [(s, comparison["per_scenario"][s]) for s in comparison["scenarios"]]
   rows.append(("average", comparison["average"]))
-  with open(os.path.join(eval_dir, "comparison.csv"), "w", newline="") as f:
-    writer = csv.writer(f)
-    writer.writerow(["scenario", "metric"] + names + [f"{names[-1]}-{names[0]}"])
-    for scenario, values in rows:
-      for metric in sorted(values[names[0]]):
-        row = [values[n][metric] for n in names]
-        writer.writerow([scenario, metric] + row + [row[-1] - row[0]])
+  header = ["scenario", "metric"] + names + [f"{names[-1]}-{names[0]}"]
+  lines = []
+  for scenario, values in rows:
+    for metric in sorted(values[names[0]]):
+      row = [values[n][metric] for n in names]
+      lines.append([scenario, metric] + row + [row[-1] - row[0]])
+  run_log.write_csv(os.path.join(eval_dir, "comparison.csv"), [header, *lines])
   plot_stage_comparison(os.path.join(eval_dir, "comparison.png"), comparison, title=title)
   return comparison
 

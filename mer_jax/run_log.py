@@ -22,11 +22,12 @@ the main metric (7 combinations, MR average, frame-level AUILC) and the output p
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import math
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -311,6 +312,13 @@ def write_atomic(path: str, text: str):
   """Writes `text` to `path` whole or not at all (`replaced_whole`)."""
   with replaced_whole(path) as tmp, open(tmp, "w") as f:
     f.write(text)
+
+
+def write_csv(path: str, rows: Iterable[Sequence]):
+  """`rows` (the header first) as a CSV file (the csv module's dialect), whole or not at
+  all (`replaced_whole`)."""
+  with replaced_whole(path) as tmp, open(tmp, "w", newline="") as f:
+    csv.writer(f).writerows(rows)
 
 
 def pyplot():
