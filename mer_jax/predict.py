@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from mer_jax import cli, parallel
+from mer_jax import cli, parallel, run_log
 from mer_jax.data.spec import MODALITIES, DataSpec
 from mer_jax.evaluate import load_run_config
 from mer_jax.losses.task import predicted_probabilities, predictive_entropy
@@ -325,8 +325,7 @@ def main(argv):
   records = predict_file(_WORKDIR.value, _INPUT.value, checkpoint=_CHECKPOINT.value)
   text = json.dumps(records, indent=1)
   if _OUTPUT.value:
-    with open(_OUTPUT.value, "w") as f:
-      f.write(text)
+    run_log.write_atomic(_OUTPUT.value, text)
   elif jax.process_index() == 0:
     print(text)
 
