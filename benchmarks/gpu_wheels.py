@@ -6,8 +6,8 @@ that machine).
 
 The dependency closure is read from this environment's installed metadata and each wheel
 is pinned to the version installed here (what the tests ran against). JAX and jaxlib stay
-the image's (its CUDA plugin matches them; the quick tier passes on jax 0.11.2, the
-image's version); flax, optax, orbax-checkpoint and chex are pure Python and are carried
+the image's (its CUDA plugin matches them; the whole test suite passes on jax 0.11.2,
+the image's version); flax, optax, orbax-checkpoint and chex are pure Python and are carried
 at this environment's versions, so that the image's versions do not matter.
 """
 
