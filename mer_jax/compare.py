@@ -34,11 +34,9 @@ from __future__ import annotations
 
 import ast
 import copy
-import csv
 import dataclasses
 import glob
 import importlib.util
-import io
 import json
 import math
 import os
@@ -423,17 +421,14 @@ def format_comparison(report: Mapping) -> str:
 
 def comparison_csv(report: Mapping) -> str:
   """One line per (metric, row, method): mean, 95% half-width, seeds, best, config."""
-  out = io.StringIO()
-  writer = csv.writer(out, lineterminator="\n")
-  writer.writerow(["metric", "scenario", "method", "mean", "ci95", "num_seeds", "best",
-                   "config"])
+  lines = [["metric", "scenario", "method", "mean", "ci95", "num_seeds", "best", "config"]]
   for metric in report["metrics"]:
     for row in report["rows"]:
       for method, cell in report["table"][metric][row].items():
-        writer.writerow([metric, row, method, repr(cell["mean"]), repr(cell["ci95"]),
-                         len(report["seeds"]), int(method in report["best"][metric][row]),
-                         os.path.basename(report["methods"][method]["config"])])
-  return out.getvalue()
+        lines.append([metric, row, method, repr(cell["mean"]), repr(cell["ci95"]),
+                      len(report["seeds"]), int(method in report["best"][metric][row]),
+                      os.path.basename(report["methods"][method]["config"])])
+  return run_log.csv_text(lines)
 
 
 def _plot_curve(ax, results: Mapping, points: Sequence[tuple[float, str]], metric: str,

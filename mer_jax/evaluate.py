@@ -149,9 +149,9 @@ def write_results(eval_dir: str, results: Mapping[str, Mapping[str, float]]):
                        json.dumps(results, indent=2, sort_keys=False))
   rows = {name: row for name, row in results.items() if name != "seeds"}
   columns = sorted({m for r in rows.values() for m in r})
-  run_log.write_csv(os.path.join(eval_dir, "results.csv"), [
+  run_log.write_atomic(os.path.join(eval_dir, "results.csv"), run_log.csv_text([
       ["scenario"] + columns, *([name] + [row.get(c, "") for c in columns]
-                                for name, row in rows.items())])
+                                for name, row in rows.items())]))
 
 
 def plot_robustness(path: str, results: Mapping[str, Mapping[str, float]], task: str,
@@ -387,7 +387,8 @@ def write_stage_comparison(eval_dir: str, stage_results, task: str, title: str =
     for metric in sorted(values[names[0]]):
       row = [values[n][metric] for n in names]
       lines.append([scenario, metric] + row + [row[-1] - row[0]])
-  run_log.write_csv(os.path.join(eval_dir, "comparison.csv"), [header, *lines])
+  run_log.write_atomic(os.path.join(eval_dir, "comparison.csv"),
+                       run_log.csv_text([header, *lines]))
   plot_stage_comparison(os.path.join(eval_dir, "comparison.png"), comparison, title=title)
   return comparison
 

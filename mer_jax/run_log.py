@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
 import math
 import os
@@ -314,11 +315,12 @@ def write_atomic(path: str, text: str):
     f.write(text)
 
 
-def write_csv(path: str, rows: Iterable[Sequence]):
-  """`rows` (the header first) as a CSV file (the csv module's dialect), whole or not at
-  all (`replaced_whole`)."""
-  with replaced_whole(path) as tmp, open(tmp, "w", newline="") as f:
-    csv.writer(f).writerows(rows)
+def csv_text(rows: Iterable[Sequence]) -> str:
+  """`rows` (the header first) as CSV text, one "\n"-ended line each: every CSV a run,
+  a comparison or a sweep writes (through `write_atomic`)."""
+  out = io.StringIO()
+  csv.writer(out, lineterminator="\n").writerows(rows)
+  return out.getvalue()
 
 
 def pyplot():

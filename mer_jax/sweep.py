@@ -33,10 +33,8 @@ better: MAE-like metrics are negated), never a test number.
 from __future__ import annotations
 
 import copy
-import csv
 import dataclasses
 import importlib.util
-import io
 import json
 import math
 import os
@@ -510,14 +508,9 @@ def best_trial(study):
 
 
 def format_csv(rows: list[dict]) -> str:
-  out = io.StringIO()
-  writer = csv.DictWriter(out, fieldnames=list(rows[0]) if rows else ["trial"],
-                          lineterminator="\n")
-  writer.writeheader()
-  for row in rows:
-    writer.writerow({k: json.dumps(v) if isinstance(v, (list, tuple)) else v
-                     for k, v in row.items()})
-  return out.getvalue()
+  header = list(rows[0]) if rows else ["trial"]
+  cell = lambda v: json.dumps(v) if isinstance(v, (list, tuple)) else v
+  return run_log.csv_text([header, *([cell(row.get(k, "")) for k in header] for row in rows)])
 
 
 def _test_table(workdir: str, task: str, label: str, seeds: int = 1) -> str:
